@@ -1,0 +1,190 @@
+"""Model and training configuration: the `parameters.json` of a GPTSAN model directory.
+
+The JSON keeps the published layout and key names:
+    {"model_params": {num_contexts, num_switch_layers, num_ext_layers, num_hidden, num_header,
+                      num_experts, num_spout, num_vocabulary, num_pallarelizm, train_mode,
+                      num_moe_hidden, num_ext_hidden},
+     "train_params": {output_dir, batch_size, base_lr, num_warmup_steps, max_to_keep_save,
+                      checkpoint_per_hours, checkpoint_per_steps, ...}}
+"""
+import dataclasses
+import json
+import os
+
+from gptsan.errors import GPTSANError
+
+PARAMETERS_FILE = "parameters.json"  # the config file inside a model directory
+MOE_HIDDEN_FACTOR = 8  # published code hard-codes the expert width as 8 * num_hidden
+EXT_HIDDEN_FACTOR = 4  # published code hard-codes the extra-layer width as 4 * num_hidden
+TRAIN_MODES = ("lm", "mlm", "hybrid")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Shapes of the network. Defaults are the published GPTSAN-2.8B."""
+    num_contexts: int = 1280  # positions (sequence length)
+    num_switch_layers: int = 10  # Switch Transformer layers (experts + softmlp)
+    num_ext_layers: int = 0  # extra dense layers stacked on top (fine-tuning)
+    num_hidden: int = 1024  # d_model
+    num_header: int = 16  # attention heads
+    num_experts: int = 16  # experts per Switch layer
+    num_spout: int = 128  # spout vector width (0: no spout)
+    num_vocabulary: int = 36000  # vocabulary entries
+    num_pallarelizm: int = 1  # model-parallel size (mesh "model" dimension)
+    train_mode: str = "lm"  # lm | mlm | hybrid
+    num_moe_hidden: int = 0  # expert hidden width; 0 -> 8 * num_hidden
+    num_ext_hidden: int = 0  # extra-layer hidden width; 0 -> 4 * num_hidden
+
+    def __post_init__(self):
+        if not self.num_moe_hidden:
+            self.num_moe_hidden = MOE_HIDDEN_FACTOR * self.num_hidden
+        if not self.num_ext_hidden:
+            self.num_ext_hidden = EXT_HIDDEN_FACTOR * self.num_hidden
+        for name in ("num_contexts", "num_hidden", "num_header", "num_vocabulary",
+                     "num_pallarelizm", "num_moe_hidden", "num_ext_hidden"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("num_switch_layers", "num_ext_layers", "num_spout"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.num_layers > 0, "the model needs at least one layer "
+                 "(num_switch_layers + num_ext_layers > 0)")
+        _require(self.num_switch_layers == 0 or self.num_experts > 0,
+                 f"num_experts must be > 0 with Switch layers, got {self.num_experts}")
+        _require(self.num_hidden % self.num_header == 0,
+                 f"num_header={self.num_header} must divide num_hidden={self.num_hidden}")
+        _require(self.train_mode in TRAIN_MODES,
+                 f"train_mode must be one of {', '.join(TRAIN_MODES)}, got {self.train_mode!r}")
+        self.validate_model_parallel(self.num_pallarelizm)
+
+    @property
+    def num_layers(self):
+        return self.num_switch_layers + self.num_ext_layers
+
+    @property
+    def head_dim(self):
+        return self.num_hidden // self.num_header
+
+    def validate_model_parallel(self, model_parallel):
+        """Heads and experts are split over the mesh "model" dimension: both must divide."""
+        _require(self.num_header % model_parallel == 0,
+                 f"num_header={self.num_header} is not divisible by the model-parallel size "
+                 f"{model_parallel}; choose a mesh 'model' size that divides it")
+        if self.num_switch_layers:
+            _require(self.num_experts % model_parallel == 0,
+                     f"num_experts={self.num_experts} is not divisible by the model-parallel "
+                     f"size {model_parallel}; choose a mesh 'model' size that divides it")
+
+    def validate_vocabulary(self, vocabulary_size, source="the vocabulary"):
+        _require(vocabulary_size == self.num_vocabulary,
+                 f"{source} has {vocabulary_size} entries but the model expects "
+                 f"num_vocabulary={self.num_vocabulary}; use the vocabulary the model was "
+                 "trained with (the copy in its model directory)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Run settings kept with the model (published `train_params` plus new keys)."""
+    output_dir: str = ""
+    batch_size: int = 8
+    base_lr: float = 1e-4
+    num_warmup_steps: int = 10000
+    max_to_keep_save: int = 5
+    checkpoint_per_hours: float = 1.0
+    checkpoint_per_steps: int = 10000
+    optimizer: str = "adam"  # adam | adafactor
+    weight_decay: float = 0.0
+    max_training_step: int = 0  # 0: no limit
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _require(self.optimizer in ("adam", "adafactor"),
+                 f"optimizer must be adam or adafactor, got {self.optimizer!r}")
+        _require(self.checkpoint_per_steps > 0,
+                 f"checkpoint_per_steps must be > 0, got {self.checkpoint_per_steps}")
+
+
+@dataclasses.dataclass
+class GPTSANConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data, source="config"):
+        if not isinstance(data, dict) or "model_params" not in data:
+            raise GPTSANError(f"{source}: expected a JSON object with 'model_params' "
+                              "(and optionally 'train_params')")
+        unknown = set(data) - {"model_params", "train_params"}
+        _require(not unknown, f"{source}: unknown section(s) {sorted(unknown)}; "
+                 "expected model_params and train_params")
+        return cls(model=_build(ModelConfig, data["model_params"], source, "model_params"),
+                   train=_build(TrainConfig, data.get("train_params", {}), source, "train_params"))
+
+    @classmethod
+    def from_json_file(cls, path):
+        """Loads a `parameters.json` (or a model directory containing one)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, PARAMETERS_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise GPTSANError(f"config file not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise GPTSANError(f"{path} is not valid JSON: {err}") from None
+        return cls.from_dict(data, source=path)
+
+    def to_dict(self):
+        return {"model_params": dataclasses.asdict(self.model),
+                "train_params": dataclasses.asdict(self.train)}
+
+    def to_json_file(self, path):
+        """Writes atomically (temp file + rename): never leaves a partial file."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+
+
+def count_parameters(model):
+    """Parameter counts by part, from the config alone (nothing is allocated).
+
+    Returns {"backbone", "spout", "total"}; "backbone" is everything but the spout adapter,
+    the figure the published model card gives (2,776,248,480 for GPTSAN-2.8B).
+    """
+    d, v, c = model.num_hidden, model.num_vocabulary, model.num_contexts
+    attention = 4 * d * d + 2 * 2 * d  # qkv + o kernels, two LayerNorms (g, b)
+    switch = (d * model.num_experts + d * d  # router, softmlp
+              + 2 * model.num_experts * d * model.num_moe_hidden)  # wi, wo
+    ext = 2 * d * model.num_ext_hidden + model.num_ext_hidden + d  # p1, p2 with biases
+    backbone = (v * d + c * d + (c * d if model.num_ext_layers else 0)  # wte, wpe, ete
+                + model.num_switch_layers * (attention + switch)
+                + model.num_ext_layers * (attention + ext)
+                + d * d + d + v)  # head dense + bias, wob
+    spout = 0
+    if model.num_spout:
+        spout = SPOUT_DEPTH * model.num_spout ** 2 + model.num_spout * model.num_layers * 2 * d
+    return {"backbone": backbone, "spout": spout, "total": backbone + spout}
+
+
+SPOUT_DEPTH = 8  # published spout: 8 tanh dense layers before the K/V projection
+
+
+def _build(cls, values, source, section):
+    if not isinstance(values, dict):
+        raise GPTSANError(f"{source}: {section} must be a JSON object")
+    known = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    _require(not unknown, f"{source}: unknown {section} key(s) {unknown}; "
+             f"known keys: {', '.join(known)}")
+    for name, value in values.items():
+        kind = known[name]
+        expected = (int, float) if kind is float else kind
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise GPTSANError(f"{source}: {section}.{name} must be {kind.__name__}, got {value!r}")
+    return cls(**values)
+
+
+def _require(condition, message):
+    if not condition:
+        raise GPTSANError(message)

@@ -1,0 +1,60 @@
+"""Config loading, validation and parameter counts."""
+import glob
+import json
+import os
+
+import pytest
+
+from gptsan.config import GPTSANConfig, ModelConfig, count_parameters
+from gptsan.errors import GPTSANError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED_2_8B_PARAMETERS = 2_776_248_480  # the published model card's figure
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
+    assert {os.path.basename(p) for p in paths} >= {
+        "tiny.json", "gptsan-2.8b.json", "gptsan-3b-finetune.json"}
+    for path in paths:
+        config = GPTSANConfig.from_json_file(path)
+        assert config.model.num_layers > 0
+
+
+def test_2_8b_counts_the_published_figure():
+    config = GPTSANConfig.from_json_file(os.path.join(ROOT, "configs", "gptsan-2.8b.json"))
+    assert config.model.num_switch_layers == 10 and config.model.num_hidden == 1024
+    assert count_parameters(config.model)["backbone"] == PUBLISHED_2_8B_PARAMETERS
+
+
+def test_round_trip(tmp_path):
+    config = GPTSANConfig.from_json_file(os.path.join(ROOT, "configs", "tiny.json"))
+    path = tmp_path / "parameters.json"
+    config.to_json_file(str(path))
+    assert GPTSANConfig.from_json_file(str(tmp_path)) == config
+    assert os.listdir(tmp_path) == ["parameters.json"]
+
+
+def test_hidden_widths_default_to_published_factors():
+    model = ModelConfig(num_hidden=64, num_header=4)
+    assert (model.num_moe_hidden, model.num_ext_hidden) == (512, 256)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"num_hidden": 60, "num_header": 8}, "num_header=8 must divide num_hidden=60"),
+    ({"num_experts": 6, "num_pallarelizm": 4, "num_header": 8, "num_hidden": 64},
+     "num_experts=6 is not divisible"),
+    ({"train_mode": "gpt"}, "train_mode must be one of"),
+    ({"num_hiden": 3}, "unknown model_params key"),
+    ({"num_hidden": "64"}, "must be int"),
+])
+def test_invalid_configs_name_the_problem(tmp_path, params, message):
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"model_params": params}))
+    with pytest.raises(GPTSANError, match=message):
+        GPTSANConfig.from_json_file(str(path))
+
+
+def test_vocabulary_mismatch_is_reported():
+    with pytest.raises(GPTSANError, match="36000"):
+        ModelConfig().validate_vocabulary(8000)
