@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test vocab bench install clean
+.PHONY: demo test vocab vocab-data bench install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-vocab: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[vocab]'
-	$(PY) scripts/build_vocab.py --size 36000 --vocab_file ja-swe36k.txt --emoji_file emoji.json --force
+# Data: wordfreq (PyPI) + Debian's unicode-data and the Japanese man pages (manpages-ja,
+# manpages-ja-dev; linked into build/vocab-corpus so other packages' pages don't change the input).
+VOCAB_DEBS := unicode-data manpages-ja manpages-ja-dev
+vocab-data:
+	dpkg -s $(VOCAB_DEBS) >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(VOCAB_DEBS))
+
+vocab: $(STAMP) vocab-data
+	rm -rf build/vocab-corpus && mkdir -p build/vocab-corpus
+	dpkg -L manpages-ja manpages-ja-dev | grep '^/usr/share/man/ja/.*\.gz$$' | sort | \
+		xargs -I{} ln -s {} build/vocab-corpus/
+	$(PY) scripts/build_vocab.py --size 36000 --vocab_file ja-swe36k.txt --emoji_file emoji.json \
+		--corpus build/vocab-corpus --force
 
 bench: $(STAMP)
 	$(PY) scripts/bench_tokenizer.py

@@ -1,4 +1,5 @@
 """The project's user-error exception and the CLI wrapper that turns it into one line."""
+import argparse
 import sys
 
 
@@ -20,3 +21,10 @@ def run_cli(main, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a GPTSANError (one line, exit 2 via run_cli)."""
+
+    def error(self, message):
+        raise GPTSANError(f"{message} (see --help)")

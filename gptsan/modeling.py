@@ -1,0 +1,405 @@
+"""The GPTSAN network on Mesh-TensorFlow: embeddings, Prefix-LM attention, Switch/extra layers, spout.
+
+Letters in shape comments: B batch, T input tokens (`length`), M memory (keys incl. the
+spout/past slots), P past slots, D d_model, H heads, K head_dim, V vocab, L layers.
+
+Per layer (post-sublayer LayerNorm, published): x = x + LN_an(Attention(x));
+x = x + LN_ln(SwitchFFN(x) + tanh(x . softmlp)) for Switch layers, or
+x = x + LN_ln(swish(x . p1 + b1) . p2 + b2) for extra layers. Variable names and
+shapes are the published checkpoint's (see DESIGN.md "Model").
+"""
+import dataclasses
+from typing import List, Optional
+
+from gptsan import mesh as meshlib
+from gptsan.compat import mtf, tf
+from gptsan.config import SPOUT_DEPTH
+from gptsan.errors import GPTSANError
+from gptsan.switch import RouterStats, dense_initializer, switch_ffn
+
+MODEL_VARIABLE_PREFIXES = ("model/", "pasts/")  # model weights (vs optimizer slots, global_step)
+LAYER_NORM_EPSILON = 1e-5  # published (and HF) LayerNorm epsilon
+MASKED_SCORE = -1e4  # published: masked attention scores become s*m - (1-m)*1e4
+EMBEDDING_STDDEV = 0.02  # init of wte/wpe/ete (GPT-2 style)
+
+
+@dataclasses.dataclass
+class KVCache:
+    """A fixed-length K/V cache fed to `build_model` (incremental decoding).
+
+    keys/values: one mtf [batch, heads, memory, head_dim] per layer (memory = cache size);
+    length: int32 mtf scalar, the slots already filled = memory index of the first new token.
+    """
+    keys: list
+    values: list
+    length: object
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    logits: object  # float32 [B, T, V]
+    hidden_states: List[object]  # L x [B, T, D]: output of every layer
+    aux_loss: object  # float32 scalar: sum over Switch layers of the load-balancing loss
+    router_stats: List[RouterStats]  # one per Switch layer
+    presents: List[tuple]  # per layer (K, V) [B, M, H, K] attended to (incl. spout); None with a cache
+    new_keys_values: List[tuple]  # per layer (k, v) [B, H, T, K] of this call's tokens only
+
+
+def variable_shapes(config):
+    """{TF variable name: shape} of the checkpoint for `config` (DESIGN.md "Model")."""
+    d, v, c = config.num_hidden, config.num_vocabulary, config.num_contexts
+    h, k = config.num_header, config.head_dim
+    shapes = {"model/wte": [v, d], "model/wpe": [c, d], "model/dense/kernel": [d, d],
+              "model/dense_1/bias": [d], "model/wob": [v]}
+    if config.num_ext_layers:
+        shapes["model/ete"] = [c, d]
+    for i in range(config.num_layers):
+        shapes[f"model/att{i}/qkv/kernel"] = [d, 3, h, k]
+        shapes[f"model/att{i}/o/kernel"] = [h, k, d]
+        for norm in (f"an{i}", f"ln{i}"):
+            shapes[f"model/{norm}/g"] = [d]
+            shapes[f"model/{norm}/b"] = [d]
+        if i < config.num_switch_layers:
+            e, f = config.num_experts, config.num_moe_hidden
+            shapes[f"model/moe{i}/switch_gating/kernel"] = [d, e]
+            shapes[f"model/moe{i}/softmlp/kernel"] = [d, d]
+            shapes[f"model/moe{i}/wi/kernel"] = [e, d, f]
+            shapes[f"model/moe{i}/wo/kernel"] = [e, f, d]
+        else:
+            f = config.num_ext_hidden
+            shapes[f"model/mlp{i}/p1/kernel"] = [d, f]
+            shapes[f"model/mlp{i}/p1/bias"] = [f]
+            shapes[f"model/mlp{i}/p2/kernel"] = [f, d]
+            shapes[f"model/mlp{i}/p2/bias"] = [d]
+    if config.num_spout:
+        s = config.num_spout
+        for n in range(SPOUT_DEPTH):
+            shapes[f"pasts/mlp{n}/kernel"] = [s, s]
+        shapes["pasts/out/kernel"] = [s, config.num_layers * 2 * d]
+    return shapes
+
+
+def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
+                variable_dtype=None, past=None):
+    """Builds the GPTSAN forward pass on `mesh`.
+
+    Args:
+      config: ModelConfig.
+      mesh: mtf.Mesh.
+      input_ids: int32 mtf [batch, length].
+      num_precontext: optional int32 mtf [batch]: keys with memory index < num_precontext
+        are visible from every query (Prefix-LM; counts spout/past slots, as published).
+      spout: optional float mtf [batch, spout]; ignored when `past` is given (the cache
+        already holds the spout slot).
+      train: bool (router jitter, training capacity factor).
+      variable_dtype: mtf.VariableDType (default `dtype_policy("float32")`).
+      past: optional KVCache (fixed-length cache; this call's keys/values are written at
+        memory positions past.length .. past.length + length - 1).
+    Returns:
+      ModelOutput.
+    """
+    variable_dtype = variable_dtype or meshlib.dtype_policy("float32")
+    dtype = variable_dtype.activation_dtype
+    batch_dim, length_dim = input_ids.shape.dims
+    dims = _Dims(config, batch_dim, length_dim)
+    if past is None and length_dim.size > config.num_contexts:
+        raise GPTSANError(f"sequence length {length_dim.size} is longer than num_contexts="
+                          f"{config.num_contexts}")
+    if spout is not None and past is None and not config.num_spout:
+        raise GPTSANError("a spout vector was given but the model has num_spout=0")
+
+    with tf.variable_scope("model"):
+        wte = mtf.get_variable(mesh, "wte", [dims.vocab, dims.d], dtype=variable_dtype,
+                               initializer=tf.random_normal_initializer(stddev=EMBEDDING_STDDEV))
+        wpe = mtf.get_variable(mesh, "wpe", [dims.contexts, dims.d], dtype=variable_dtype,
+                               initializer=tf.random_normal_initializer(stddev=EMBEDDING_STDDEV))
+        ete = None
+        if config.num_ext_layers:
+            ete = mtf.get_variable(mesh, "ete", [dims.contexts, dims.d], dtype=variable_dtype,
+                                   initializer=tf.random_normal_initializer(
+                                       stddev=EMBEDDING_STDDEV))
+
+    spout_kv = None
+    if config.num_spout:
+        with tf.variable_scope("pasts"):
+            spout_kv = _spout_projection(mesh, config, dims, spout, variable_dtype,
+                                         active=spout is not None and past is None)
+
+    # Past slots P and memory M.
+    if past is not None:
+        num_past = past.length  # int32 mtf scalar
+        memory_dim = past.keys[0].shape.get_dim_by_name(meshlib.MEMORY)
+    else:
+        num_past = 1 if spout_kv is not None else 0
+        memory_dim = mtf.Dimension(meshlib.MEMORY, num_past + length_dim.size)
+
+    # Positions: t + P, clipped to num_contexts - 1 (published clips only with pasts/spout;
+    # without them t + 0 <= num_contexts - 1 already).
+    positions = mtf.range(mesh, length_dim, tf.int32) + num_past  # [T]
+    positions = mtf.minimum(positions, config.num_contexts - 1)
+    position_embedding = _gather_rows(wpe, positions, [length_dim, dims.d])  # [T, D]
+    x = _gather_rows(wte, input_ids, [batch_dim, length_dim, dims.d]) + position_embedding
+
+    # Key j (memory index) visible from query t iff j <= t + P or j < num_precontext.
+    if past is None:
+        mask = _visibility(mesh, batch_dim, length_dim, memory_dim, 0, num_past,
+                           num_precontext, dtype)  # [B?, T, M]
+    else:
+        # Filled cache slots (j < P) are all visible; the new keys by the same rule.
+        cache_mask = mtf.cast(mtf.less(mtf.range(mesh, memory_dim, tf.int32), num_past), dtype)
+        new_dim = mtf.Dimension(meshlib.MEMORY + "_new", length_dim.size)
+        mask = (cache_mask, _visibility(mesh, batch_dim, length_dim, new_dim, num_past, num_past,
+                                        num_precontext, dtype))  # [M], [B?, T, T']
+
+    hidden_states, stats, presents, new_kv = [], [], [], []
+    aux_loss = mtf.zeros(mesh, [], dtype=tf.float32)
+    for layer in range(config.num_layers):
+        if layer == config.num_switch_layers and ete is not None:
+            x += _gather_rows(ete, positions, [length_dim, dims.d])
+        layer_past = None
+        if past is not None:
+            layer_past = (past.keys[layer], past.values[layer], past.length)
+        elif spout_kv is not None:
+            layer_past = spout_kv[layer]
+        with tf.variable_scope(f"model/att{layer}"):
+            attended, present, kv = _attention(x, mask, dims, memory_dim, layer_past,
+                                               variable_dtype)
+        presents.append(present)
+        new_kv.append(kv)
+        with tf.variable_scope(f"model/an{layer}"):
+            x += layer_norm(attended, dims.d, variable_dtype)
+        if layer < config.num_switch_layers:
+            with tf.variable_scope(f"model/moe{layer}"):
+                y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype)
+            aux_loss += loss
+            stats.append(layer_stats)
+        else:
+            with tf.variable_scope(f"model/mlp{layer}"):
+                y = _ext_mlp(x, dims, variable_dtype)
+        with tf.variable_scope(f"model/ln{layer}"):
+            x += layer_norm(y, dims.d, variable_dtype)
+        hidden_states.append(x)
+
+    with tf.variable_scope("model"):
+        logits = _head(x, wte, dims, variable_dtype, train)
+    return ModelOutput(logits=logits, hidden_states=hidden_states, aux_loss=aux_loss,
+                       router_stats=stats, presents=presents, new_keys_values=new_kv)
+
+
+def _visibility(mesh, batch_dim, length_dim, keys_dim, keys_offset, num_past, num_precontext,
+                dtype):
+    """1/0 mask [B?, T, keys]: key i (memory index keys_offset + i) is visible from query t
+    (memory index t + num_past) iff it is not in the future or it is a prefix key."""
+    keys_index = mtf.range(mesh, keys_dim, tf.int32) + keys_offset
+    visible = mtf.less_equal(keys_index, mtf.range(mesh, length_dim, tf.int32) + num_past,
+                             output_shape=[length_dim, keys_dim])
+    if num_precontext is not None:
+        prefix = mtf.less(keys_index, num_precontext, output_shape=[batch_dim, keys_dim])
+        visible = mtf.logical_or(visible, prefix, output_shape=[batch_dim, length_dim, keys_dim])
+    return mtf.cast(visible, dtype)
+
+
+class _Dims:
+    """The mtf dimensions of one model build."""
+
+    def __init__(self, config, batch_dim, length_dim):
+        self.batch, self.length = batch_dim, length_dim
+        self.vocab = mtf.Dimension(meshlib.VOCAB, config.num_vocabulary)
+        self.contexts = mtf.Dimension(meshlib.CONTEXTS, config.num_contexts)
+        self.d = mtf.Dimension(meshlib.D_MODEL, config.num_hidden)
+        self.d_out = mtf.Dimension(meshlib.D_MODEL_OUT, config.num_hidden)
+        self.heads = mtf.Dimension(meshlib.HEADS, config.num_header)
+        self.head_dim = mtf.Dimension(meshlib.HEAD_DIM, config.head_dim)
+        self.qkv = mtf.Dimension(meshlib.QKV, 3)
+        self.kv = mtf.Dimension(meshlib.KV, 2)
+        self.layers = mtf.Dimension(meshlib.LAYERS, config.num_layers)
+        self.ext_hidden = mtf.Dimension(meshlib.EXT_HIDDEN, config.num_ext_hidden)
+        if config.num_spout:
+            self.spout = mtf.Dimension(meshlib.SPOUT, config.num_spout)
+            self.spout_hidden = mtf.Dimension(meshlib.SPOUT_HIDDEN, config.num_spout)
+            self.spout_kv = mtf.Dimension(meshlib.SPOUT_KV, config.num_layers * 2 * config.num_hidden)
+
+
+def _gather_rows(table, indices, output_shape):
+    """table[indices] with tf.gather per slice (the table's first dim must not be split).
+
+    The gradient w.r.t. the table is the one-hot einsum (what `mtf.gather` computes forward).
+    """
+    row_dim = table.shape.dims[0]
+    output_shape = mtf.Shape(output_shape)
+
+    def gradient(op, dy):
+        onehot = mtf.one_hot(op.inputs[1], row_dim, dtype=dy.dtype)
+        return [mtf.einsum([onehot, dy], output_shape=op.inputs[0].shape), None]
+
+    return mtf.slicewise(lambda rows, ids: tf.gather(rows, ids), [table, indices],
+                         output_shape=output_shape, output_dtype=table.dtype,
+                         splittable_dims=output_shape.dims, grad_function=gradient,
+                         name="gather_rows")
+
+
+def layer_norm(x, dim, variable_dtype):
+    """LayerNorm over `dim` (eps 1e-5, biased variance, statistics in float32); vars g, b."""
+    g = mtf.get_variable(x.mesh, "g", [dim], dtype=variable_dtype, initializer=tf.ones_initializer())
+    b = mtf.get_variable(x.mesh, "b", [dim], dtype=variable_dtype,
+                         initializer=tf.zeros_initializer())
+    x32 = mtf.cast(x, tf.float32)
+    centered = x32 - mtf.reduce_mean(x32, reduced_dim=dim)
+    variance = mtf.reduce_mean(mtf.square(centered), reduced_dim=dim)
+    normed = centered * mtf.rsqrt(variance + LAYER_NORM_EPSILON)
+    return mtf.cast(normed, x.dtype) * g + b
+
+
+def _attention(x, mask, dims, memory_dim, past, variable_dtype):
+    """Multi-head attention (qkv and o without bias; scores scaled by head_dim^-0.5).
+
+    x: [B, T, D]. Without a cache: mask [B?, T, M] (1 visible / 0), past None or the spout's
+    (k, v) [B, 1, H, K]. With a fixed cache: past = (K [B, H, M, K], V, length) and mask =
+    (cache_mask [M], new_mask [B?, T, T']) for the cached keys and this call's keys.
+    Returns (output [B, T, D], (keys, values) [B, M, H, K] or None with a cache,
+             (k, v) [B, H, T, K] of this call's tokens).
+    """
+    mesh = x.mesh
+    w_qkv = mtf.get_variable(mesh, "qkv/kernel", [dims.d, dims.qkv, dims.heads, dims.head_dim],
+                             dtype=variable_dtype, initializer=dense_initializer(dims.d.size))
+    w_o = mtf.get_variable(mesh, "o/kernel", [dims.heads, dims.head_dim, dims.d],
+                           dtype=variable_dtype,
+                           initializer=dense_initializer(dims.heads.size * dims.head_dim.size))
+    # One matmul in natural order, then split the activations: q, k, v [B, T, H, K].
+    qkv = mtf.einsum([x, w_qkv], [dims.batch, dims.length, dims.qkv, dims.heads, dims.head_dim])
+    q, k, v = mtf.unstack(qkv, dims.qkv)
+    q *= dims.head_dim.size ** -0.5
+    bhtk = [dims.batch, dims.heads, dims.length, dims.head_dim]
+    new_kv = (mtf.transpose(k, bhtk), mtf.transpose(v, bhtk))
+    if past is not None and len(past) == 3:
+        context = _cached_context(q, k, v, past, mask, dims, memory_dim)
+        presents = None
+    else:
+        keys = mtf.rename_dimension(k, meshlib.LENGTH, meshlib.MEMORY)
+        values = mtf.rename_dimension(v, meshlib.LENGTH, meshlib.MEMORY)
+        if past is not None:
+            keys = mtf.concat([past[0], keys], meshlib.MEMORY)
+            values = mtf.concat([past[1], values], meshlib.MEMORY)
+        scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.length, memory_dim])
+        scores = scores * mask + (1.0 - mask) * MASKED_SCORE
+        weights = mtf.softmax(scores, memory_dim)
+        context = mtf.einsum([weights, values], bhtk)
+        presents = (keys, values)
+    output = mtf.einsum([context, w_o], [dims.batch, dims.length, dims.d])
+    return output, presents, new_kv
+
+
+def _cached_context(q, k, v, past, mask, dims, memory_dim):
+    """Attention over a fixed cache plus this call's keys, without writing into the cache.
+
+    The softmax runs over both key sets at once (shared max and denominator), so the cache
+    is only read (q.K and p.V), never copied. Returns the context [B, H, T, K].
+    """
+    cache_k, cache_v, _ = past
+    cache_mask, new_mask = mask
+    bhtm = [dims.batch, dims.heads, dims.length]
+    bhtk = bhtm + [dims.head_dim]
+    old_scores = mtf.einsum([q, cache_k], bhtm + [memory_dim])
+    old_scores = old_scores * cache_mask + (1.0 - cache_mask) * MASKED_SCORE
+    if dims.length.size == 1:
+        # One new token: its only new key is itself (always visible): a dot product.
+        new_scores = mtf.reduce_sum(q * k, output_shape=bhtm)  # [B, H, T]
+        top = mtf.stop_gradient(mtf.maximum(mtf.reduce_max(old_scores, reduced_dim=memory_dim),
+                                            new_scores))
+        new_weights = mtf.exp(new_scores - top)
+        new_context = mtf.transpose(new_weights * v, bhtk)
+        new_total = new_weights
+    else:
+        new_dim = mtf.Dimension(meshlib.MEMORY + "_new", dims.length.size)
+        k = mtf.rename_dimension(k, meshlib.LENGTH, new_dim.name)
+        v = mtf.rename_dimension(v, meshlib.LENGTH, new_dim.name)
+        new_scores = mtf.einsum([q, k], bhtm + [new_dim])
+        new_scores = new_scores * new_mask + (1.0 - new_mask) * MASKED_SCORE
+        top = mtf.stop_gradient(mtf.maximum(mtf.reduce_max(old_scores, reduced_dim=memory_dim),
+                                            mtf.reduce_max(new_scores, reduced_dim=new_dim)))
+        new_weights = mtf.exp(new_scores - top)
+        new_context = mtf.einsum([new_weights, v], bhtk)
+        new_total = mtf.reduce_sum(new_weights, reduced_dim=new_dim)
+    old_weights = mtf.exp(old_scores - top)
+    total = mtf.reduce_sum(old_weights, reduced_dim=memory_dim) + new_total  # [B, H, T]
+    context = mtf.einsum([old_weights, cache_v], bhtk) + new_context
+    return context / total
+
+
+def _ext_mlp(x, dims, variable_dtype):
+    """Extra dense layer FFN: swish(x . p1 + b1) . p2 + b2."""
+    mesh = x.mesh
+    p1 = mtf.get_variable(mesh, "p1/kernel", [dims.d, dims.ext_hidden], dtype=variable_dtype,
+                          initializer=dense_initializer(dims.d.size))
+    b1 = mtf.get_variable(mesh, "p1/bias", [dims.ext_hidden], dtype=variable_dtype,
+                          initializer=tf.zeros_initializer())
+    p2 = mtf.get_variable(mesh, "p2/kernel", [dims.ext_hidden, dims.d], dtype=variable_dtype,
+                          initializer=dense_initializer(dims.ext_hidden.size))
+    b2 = mtf.get_variable(mesh, "p2/bias", [dims.d], dtype=variable_dtype,
+                          initializer=tf.zeros_initializer())
+    h = mtf.swish(mtf.einsum([x, p1], [dims.batch, dims.length, dims.ext_hidden]) + b1)
+    return mtf.einsum([h, p2], [dims.batch, dims.length, dims.d]) + b2
+
+
+def _head(x, wte, dims, variable_dtype, train):
+    """Tied LM head: swish(x . dense + bias) . wte^T + wob -> float32 [B, T, V].
+
+    Inference uses one fused matmul + bias_add per slice (vocab is never split); training
+    keeps the mtf einsum (whose gradient mtf reduces across the mesh).
+    """
+    mesh = x.mesh
+    kernel = mtf.get_variable(mesh, "dense/kernel", [dims.d, dims.d_out], dtype=variable_dtype,
+                              initializer=dense_initializer(dims.d.size))
+    bias = mtf.get_variable(mesh, "dense_1/bias", [dims.d_out], dtype=variable_dtype,
+                            initializer=tf.zeros_initializer())
+    wob = mtf.get_variable(mesh, "wob", [dims.vocab], dtype=variable_dtype,
+                           initializer=tf.zeros_initializer())
+    z = mtf.swish(mtf.einsum([x, kernel], [dims.batch, dims.length, dims.d_out]) + bias)
+    z = mtf.rename_dimension(z, meshlib.D_MODEL_OUT, meshlib.D_MODEL)
+    if train:
+        logits = mtf.einsum([z, wte], [dims.batch, dims.length, dims.vocab]) + wob
+    else:
+        def tied_projection(hidden, table, bias):  # [b, t, d], [V, d], [V] -> [b, t, V]
+            flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
+            out = tf.nn.bias_add(tf.matmul(flat, table, transpose_b=True), bias)
+            return tf.reshape(out, hidden.shape[:-1].concatenate(table.shape[:1]))
+
+        logits = mtf.slicewise(tied_projection, [z, wte, wob],
+                               output_shape=[dims.batch, dims.length, dims.vocab],
+                               output_dtype=z.dtype, splittable_dims=[dims.batch, dims.length],
+                               grad_function=0, name="tied_projection")
+    return mtf.cast(logits, tf.float32)
+
+
+def _spout_projection(mesh, config, dims, spout, variable_dtype, active):
+    """pasts/: spout -> 8 x (dense, tanh) -> dense -> per layer (k, v) [B, 1, H, K].
+
+    The variables are always created (they belong to the checkpoint); the projection is
+    computed only when `active`. Returns None when inactive.
+    """
+    kernels = []
+    for n in range(SPOUT_DEPTH):
+        with tf.variable_scope(f"mlp{n}"):
+            kernels.append(mtf.get_variable(mesh, "kernel", [dims.spout, dims.spout_hidden],
+                                            dtype=variable_dtype,
+                                            initializer=dense_initializer(dims.spout.size)))
+    with tf.variable_scope("out"):
+        out = mtf.get_variable(mesh, "kernel", [dims.spout, dims.spout_kv], dtype=variable_dtype,
+                               initializer=dense_initializer(dims.spout.size))
+    if not active:
+        return None
+    if spout.shape.dims != [dims.batch, dims.spout]:
+        raise GPTSANError(f"spout must have shape [batch, {dims.spout.size}], got {spout.shape}")
+    p = mtf.cast(spout, variable_dtype.activation_dtype)
+    for kernel in kernels:
+        p = mtf.tanh(mtf.einsum([p, kernel], [dims.batch, dims.spout_hidden]))
+        p = mtf.rename_dimension(p, meshlib.SPOUT_HIDDEN, meshlib.SPOUT)
+    kv = mtf.einsum([p, out], [dims.batch, dims.spout_kv])
+    one = mtf.Dimension(meshlib.MEMORY, 1)
+    # Size-1 memory dim placed to match the attention's keys [B, M, H, K].
+    kv = mtf.reshape(kv, [dims.batch, dims.layers, dims.kv, one, dims.heads, dims.head_dim])
+    per_layer = []
+    for layer_kv in mtf.unstack(kv, dims.layers):
+        k, v = mtf.unstack(layer_kv, dims.kv)  # [B, 1, H, K]
+        per_layer.append((k, v))
+    return per_layer

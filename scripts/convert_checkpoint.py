@@ -1,0 +1,55 @@
+"""Converts between a GPTSAN model directory (TF checkpoint) and an HF transformers directory.
+
+    python scripts/convert_checkpoint.py --src HF_DIR --dst MODEL_DIR [--vocabulary ja-swe36k.txt
+        --emoji emoji.json] [--force]          # HF GPTSanJapanese -> GPTSAN
+    python scripts/convert_checkpoint.py --src MODEL_DIR --dst HF_DIR [--force]   # GPTSAN -> HF
+
+The direction is detected from the source directory (`--from hf|gptsan` forces it). A published
+original checkpoint directory (parameters.json + model.ckpt-*) is a GPTSAN model directory.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+from gptsan.checkpoint import (convert_gptsan_to_hf, convert_hf_to_gptsan,  # noqa: E402
+                               detect_format)
+from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source_format", choices=("hf", "gptsan"), default=None,
+                        help="source format (default: detected from --src)")
+    parser.add_argument("--src", required=True, help="source directory")
+    parser.add_argument("--dst", required=True, help="destination directory (must not exist "
+                        "or be empty, unless --force)")
+    parser.add_argument("--vocabulary", default=None, help="vocabulary file to copy into the "
+                        "GPTSAN model directory (HF -> GPTSAN; default: the HF dir's vocab.txt)")
+    parser.add_argument("--emoji", default=None, help="emoji table to copy into the GPTSAN model "
+                        "directory (HF -> GPTSAN; default: the HF dir's emoji.json)")
+    parser.add_argument("--force", action="store_true", help="replace an existing destination")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    source_format = args.source_format or detect_format(args.src)
+    if source_format == "hf":
+        config = convert_hf_to_gptsan(args.src, args.dst, vocab=args.vocabulary, emoji=args.emoji,
+                                      force=args.force, progress=True)
+    else:
+        if args.vocabulary or args.emoji:
+            raise GPTSANError("--vocabulary/--emoji apply to HF -> GPTSAN only; a GPTSAN model "
+                              "directory already holds its own copies")
+        config = convert_gptsan_to_hf(args.src, args.dst, force=args.force, progress=True)
+    model = config.model
+    print(f"wrote {args.dst}: {model.num_switch_layers} switch + {model.num_ext_layers} extra "
+          f"layers, d_model {model.num_hidden}, {model.num_header} heads, "
+          f"vocab {model.num_vocabulary}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
