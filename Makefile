@@ -36,6 +36,12 @@ vocab: $(STAMP) vocab-data
 	$(PY) scripts/build_vocab.py --size 36000 --vocab_file ja-swe36k.txt --emoji_file emoji.json \
 		--corpus build/vocab-corpus --force
 
+# The bundled demo model models/demo, rebuilt from scratch (vocabulary -> TFRecords -> training
+# -> export; ~25 min on a 2-core CPU). Needs wordfreq (test extras) and Debian's unicode-data.
+.PHONY: demo-model
+demo-model: $(STAMP) vocab-data
+	$(PY) scripts/make_demo_model.py --force
+
 bench: $(STAMP)
 	$(PY) scripts/bench_tokenizer.py
 

@@ -55,7 +55,7 @@ class DivisibleLayoutRules(mtf.LayoutRules):
 
 
 def layout_rules(rules=None):
-    """The layout rules object for `rules` (pairs of tensor dim -> mesh dim; default LAYOUT_RULES)."""
+    """Layout rules for `rules` (pairs tensor dim -> mesh dim; default LAYOUT_RULES)."""
     return DivisibleLayoutRules(LAYOUT_RULES if rules is None else rules)
 
 

@@ -1,4 +1,4 @@
-"""The GPTSAN network on Mesh-TensorFlow: embeddings, Prefix-LM attention, Switch/extra layers, spout.
+"""The GPTSAN network on Mesh-TF: embeddings, Prefix-LM attention, Switch/extra layers, spout.
 
 Letters in shape comments: B batch, T input tokens (`length`), M memory (keys incl. the
 spout/past slots), P past slots, D d_model, H heads, K head_dim, V vocab, L layers.
@@ -25,7 +25,7 @@ EMBEDDING_STDDEV = 0.02  # init of wte/wpe/ete (GPT-2 style)
 
 @dataclasses.dataclass
 class KVCache:
-    """A fixed-length K/V cache fed to `build_model` (incremental decoding).
+    """A fixed-length K/V cache read by `build_model` (incremental decoding).
 
     keys/values: one mtf [batch, heads, memory, head_dim] per layer (memory = cache size);
     length: int32 mtf scalar, the slots already filled = memory index of the first new token.
@@ -41,7 +41,7 @@ class ModelOutput:
     hidden_states: List[object]  # L x [B, T, D]: output of every layer
     aux_loss: object  # float32 scalar: sum over Switch layers of the load-balancing loss
     router_stats: List[RouterStats]  # one per Switch layer
-    presents: List[tuple]  # per layer (K, V) [B, M, H, K] attended to (incl. spout); None with a cache
+    presents: List[tuple]  # per layer (K, V) [B, M, H, K] incl. spout; None with a cache
     new_keys_values: List[tuple]  # per layer (k, v) [B, H, T, K] of this call's tokens only
 
 
@@ -80,7 +80,7 @@ def variable_shapes(config):
 
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
-                variable_dtype=None, past=None):
+                variable_dtype=None, past=None, local_experts=False):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -93,8 +93,11 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         already holds the spout slot).
       train: bool (router jitter, training capacity factor).
       variable_dtype: mtf.VariableDType (default `dtype_policy("float32")`).
-      past: optional KVCache (fixed-length cache; this call's keys/values are written at
-        memory positions past.length .. past.length + length - 1).
+      past: optional KVCache: slots < past.length hold earlier keys/values (later slots are
+        ignored); this call's tokens take memory positions past.length .. + length - 1 and
+        their keys/values come back in `new_keys_values` for the caller to store.
+      local_experts: inference on a layout that does not split experts (model size 1):
+        enables the per-expert gather/scatter path (see `switch.switch_ffn`).
     Returns:
       ModelOutput.
     """
@@ -163,14 +166,15 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
             layer_past = spout_kv[layer]
         with tf.variable_scope(f"model/att{layer}"):
             attended, present, kv = _attention(x, mask, dims, memory_dim, layer_past,
-                                               variable_dtype)
+                                               variable_dtype, train)
         presents.append(present)
         new_kv.append(kv)
         with tf.variable_scope(f"model/an{layer}"):
             x += layer_norm(attended, dims.d, variable_dtype)
         if layer < config.num_switch_layers:
             with tf.variable_scope(f"model/moe{layer}"):
-                y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype)
+                y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype,
+                                                  local_experts=local_experts)
             aux_loss += loss
             stats.append(layer_stats)
         else:
@@ -217,7 +221,8 @@ class _Dims:
         if config.num_spout:
             self.spout = mtf.Dimension(meshlib.SPOUT, config.num_spout)
             self.spout_hidden = mtf.Dimension(meshlib.SPOUT_HIDDEN, config.num_spout)
-            self.spout_kv = mtf.Dimension(meshlib.SPOUT_KV, config.num_layers * 2 * config.num_hidden)
+            self.spout_kv = mtf.Dimension(meshlib.SPOUT_KV,
+                                          config.num_layers * 2 * config.num_hidden)
 
 
 def _gather_rows(table, indices, output_shape):
@@ -240,7 +245,8 @@ def _gather_rows(table, indices, output_shape):
 
 def layer_norm(x, dim, variable_dtype):
     """LayerNorm over `dim` (eps 1e-5, biased variance, statistics in float32); vars g, b."""
-    g = mtf.get_variable(x.mesh, "g", [dim], dtype=variable_dtype, initializer=tf.ones_initializer())
+    g = mtf.get_variable(x.mesh, "g", [dim], dtype=variable_dtype,
+                         initializer=tf.ones_initializer())
     b = mtf.get_variable(x.mesh, "b", [dim], dtype=variable_dtype,
                          initializer=tf.zeros_initializer())
     x32 = mtf.cast(x, tf.float32)
@@ -250,7 +256,7 @@ def layer_norm(x, dim, variable_dtype):
     return mtf.cast(normed, x.dtype) * g + b
 
 
-def _attention(x, mask, dims, memory_dim, past, variable_dtype):
+def _attention(x, mask, dims, memory_dim, past, variable_dtype, train):
     """Multi-head attention (qkv and o without bias; scores scaled by head_dim^-0.5).
 
     x: [B, T, D]. Without a cache: mask [B?, T, M] (1 visible / 0), past None or the spout's
@@ -281,12 +287,30 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype):
             keys = mtf.concat([past[0], keys], meshlib.MEMORY)
             values = mtf.concat([past[1], values], meshlib.MEMORY)
         scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.length, memory_dim])
-        scores = scores * mask + (1.0 - mask) * MASKED_SCORE
-        weights = mtf.softmax(scores, memory_dim)
+        if train:
+            scores = scores * mask + (1.0 - mask) * MASKED_SCORE
+            weights = mtf.softmax(scores, memory_dim)
+        else:
+            weights = _masked_softmax(scores, mask)
         context = mtf.einsum([weights, values], bhtk)
         presents = (keys, values)
     output = mtf.einsum([context, w_o], [dims.batch, dims.length, dims.d])
     return output, presents, new_kv
+
+
+def _masked_softmax(scores, mask):
+    """Inference: softmax(s * m - (1 - m) * 1e4) over the last (memory) dim in one TF kernel.
+
+    scores [B, H, T, M]; mask [B, T, M] or [T, M]. No gradient (training uses mtf ops).
+    """
+    def run(s, m):
+        m = m[:, None] if m.shape.ndims == 3 else m[None, None]  # -> broadcast over heads
+        return tf.nn.softmax(s * m + (m - 1.0) * -MASKED_SCORE)
+
+    splittable = [d for d in scores.shape.dims if d.name != meshlib.MEMORY]
+    return mtf.slicewise(run, [scores, mask], output_shape=scores.shape,
+                         output_dtype=scores.dtype, splittable_dims=splittable, grad_function=0,
+                         name="masked_softmax")
 
 
 def _cached_context(q, k, v, past, mask, dims, memory_dim):

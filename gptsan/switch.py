@@ -2,9 +2,10 @@
 
 Routing follows the published Mesh-TF `transformer_moe_layer_v1` with `_switch_gating`:
 all batch*length tokens are flattened (row-major) and split into G groups of S <= 1024
-tokens; each expert takes at most C = max(min(S, int(S * cf / E)), 4) tokens per group in
-group order (exclusive cumsum); a token over capacity gets zero expert output, while the
-softmlp bypass `tanh(x . W_soft)` is always added.
+tokens (the last group padded when G does not divide them); each expert takes at most
+C = max(min(S, int(S * cf / E)), 4) tokens per group in group order (exclusive cumsum);
+a token over capacity gets zero expert output, while the softmlp bypass `tanh(x . W_soft)`
+is always added.
 """
 import dataclasses
 
@@ -29,11 +30,13 @@ class RouterStats:
 
 
 def split_into_groups(num_tokens, max_group_size=MAX_GROUP_SIZE):
-    """(G, S): the fewest groups G dividing `num_tokens` with S = num_tokens / G <= max."""
-    for groups in range(1, num_tokens + 1):
-        if num_tokens % groups == 0 and num_tokens // groups <= max_group_size:
-            return groups, num_tokens // groups
-    raise ValueError(f"cannot group {num_tokens} tokens")
+    """(G, S): G = ceil(n / max) groups of S = ceil(n / G) <= max token slots.
+
+    When G * S > n the last group ends with G * S - n padding slots that are not routed
+    (published batches are [batch, 1280], always divisible; other lengths pad).
+    """
+    groups = -(-num_tokens // max_group_size)
+    return groups, -(-num_tokens // groups)
 
 
 def expert_capacity(group_size, num_experts, train):
@@ -42,7 +45,7 @@ def expert_capacity(group_size, num_experts, train):
     return max(min(group_size, int(group_size * factor / num_experts)), MIN_EXPERT_CAPACITY)
 
 
-def switch_ffn(x, config, train, variable_dtype):
+def switch_ffn(x, config, train, variable_dtype, local_experts=False):
     """Switch FFN of one layer (call inside the layer's `moe{i}` variable scope).
 
     Args:
@@ -50,6 +53,8 @@ def switch_ffn(x, config, train, variable_dtype):
       config: ModelConfig.
       train: bool; enables input jitter and the training capacity factor.
       variable_dtype: mtf.VariableDType.
+      local_experts: inference only: the layout does not split the experts (mesh model
+        size 1), so each expert may run on exactly its tokens (no one-hot dispatch).
     Returns:
       (y [batch, length, d_model], aux_loss scalar float32, RouterStats)
     """
@@ -57,7 +62,9 @@ def switch_ffn(x, config, train, variable_dtype):
     batch_dim, length_dim, d_dim = x.shape.dims
     experts_dim = mtf.Dimension(meshlib.EXPERTS, config.num_experts)
     hidden_dim = mtf.Dimension(meshlib.MOE_HIDDEN, config.num_moe_hidden)
-    num_groups, group_size = split_into_groups(batch_dim.size * length_dim.size)
+    num_tokens = batch_dim.size * length_dim.size
+    num_groups, group_size = split_into_groups(num_tokens)
+    padding = num_groups * group_size - num_tokens
     groups_dim = mtf.Dimension(meshlib.GROUPS, num_groups)
     group_dim = mtf.Dimension(meshlib.GROUP, group_size)
     capacity = expert_capacity(group_size, config.num_experts, train)
@@ -74,7 +81,7 @@ def switch_ffn(x, config, train, variable_dtype):
     w_out = mtf.get_variable(mesh, "wo/kernel", [experts_dim, hidden_dim, d_dim],
                              dtype=variable_dtype, initializer=dense_initializer(hidden_dim.size))
 
-    tokens = mtf.reshape(x, [groups_dim, group_dim, d_dim])  # [G, S, d]
+    tokens = _to_groups(x, groups_dim, group_dim, padding)  # [G, S, d]
 
     # Router (float32): softmax over experts, top-1.
     gate_inputs = mtf.cast(tokens, tf.float32)
@@ -85,16 +92,31 @@ def switch_ffn(x, config, train, variable_dtype):
     probs = mtf.softmax(router_logits, experts_dim)  # [G, S, E]
     gate, index = mtf.top_1(probs, experts_dim)  # [G, S]
     mask = mtf.one_hot(index, experts_dim, dtype=tf.float32)  # [G, S, E]
+    valid = None
+    if padding:
+        valid = mtf.cast(mtf.less(mtf.range(mesh, groups_dim, tf.int32) * group_size
+                                  + mtf.range(mesh, group_dim, tf.int32), num_tokens),
+                         tf.float32)  # [G, S]: 0 on padding slots
+        mask *= valid
 
     # Load-balancing loss (before capacity): mean(density * density_proxy) * E^2.
-    density = mtf.reduce_mean(mask, reduced_dim=group_dim)  # [G, E]
-    density_proxy = mtf.reduce_mean(probs, reduced_dim=group_dim)
+    if valid is None:
+        density = mtf.reduce_mean(mask, reduced_dim=group_dim)  # [G, E]
+        density_proxy = mtf.reduce_mean(probs, reduced_dim=group_dim)
+    else:
+        count = mtf.reduce_sum(valid, reduced_dim=group_dim)  # [G]
+        density = mtf.reduce_sum(mask, reduced_dim=group_dim) / count
+        density_proxy = mtf.reduce_sum(probs * valid, reduced_dim=group_dim) / count
     aux_loss = mtf.reduce_mean(density * density_proxy) * float(config.num_experts ** 2)
 
     # Capacity: priority = exclusive cumsum in group order.
-    position = mtf.reduce_sum(mtf.cumsum(mask, group_dim, exclusive=True) * mask,
-                              reduced_dim=experts_dim)  # [G, S]
-    kept = mtf.cast(mtf.less(position, float(capacity)), tf.float32)  # [G, S]
+    position = None
+    if group_size <= capacity:  # every token fits, whatever the routing
+        kept = mtf.ones(mesh, [groups_dim, group_dim], dtype=tf.float32)
+    else:
+        position = mtf.reduce_sum(mtf.cumsum(mask, group_dim, exclusive=True) * mask,
+                                  reduced_dim=experts_dim)  # [G, S]
+        kept = mtf.cast(mtf.less(position, float(capacity)), tf.float32)  # [G, S]
     weight = gate * kept  # [G, S]: router prob, 0 for dropped tokens
 
     dtype = variable_dtype.activation_dtype
@@ -114,6 +136,8 @@ def switch_ffn(x, config, train, variable_dtype):
         out = mtf.einsum([h, w_out], [experts_dim, groups_dim, group_dim, d_dim])
         combine = mtf.cast(mask * weight, dtype)  # [G, S, E]
         y = mtf.einsum([out, combine], [groups_dim, group_dim, d_dim])
+    elif local_experts and not train:
+        y = _routed_experts(tokens, mask * kept, weight, w_in, w_out)
     else:
         capacity_dim = mtf.Dimension(meshlib.CAPACITY, capacity)
         dispatch = mask * kept * mtf.one_hot(mtf.cast(position, tf.int32), capacity_dim,
@@ -125,17 +149,39 @@ def switch_ffn(x, config, train, variable_dtype):
         expert_out = mtf.einsum([h, w_out], [experts_dim, groups_dim, capacity_dim, d_dim])
         y = mtf.einsum([expert_out, mtf.cast(dispatch * gate, dtype)],
                        [groups_dim, group_dim, d_dim])
-    y = mtf.reshape(y, x.shape)
+    y = _from_groups(y, x.shape, padding)
     soft = mtf.tanh(mtf.einsum([x, w_soft], [batch_dim, length_dim, w_soft.shape.dims[1]]))
     y += mtf.rename_dimension(soft, meshlib.D_MODEL_OUT, meshlib.D_MODEL)
 
     entropy = -mtf.reduce_sum(probs * mtf.log(mtf.maximum(probs, 1e-9)), reduced_dim=experts_dim)
+    token_shape = mtf.Shape([batch_dim, length_dim])
     stats = RouterStats(
-        expert_index=mtf.reshape(index, [batch_dim, length_dim]),
-        kept=mtf.reshape(kept, [batch_dim, length_dim]),
-        router_entropy=mtf.reduce_mean(entropy),
-        expert_fraction=mtf.reduce_mean(mask, output_shape=[experts_dim]))
+        expert_index=_from_groups(index, token_shape, padding),
+        kept=_from_groups(kept, token_shape, padding),
+        router_entropy=mtf.reduce_mean(_from_groups(entropy, token_shape, padding)),
+        expert_fraction=mtf.reduce_sum(mask, output_shape=[experts_dim]) / float(num_tokens))
     return y, aux_loss, stats
+
+
+def _to_groups(x, groups_dim, group_dim, padding):
+    """[B, T, ...] -> [G, S, ...] in row-major token order, zero padding at the end."""
+    rest = x.shape.dims[2:]
+    if not padding:
+        return mtf.reshape(x, [groups_dim, group_dim] + rest)
+    flat_dim = mtf.Dimension(meshlib.GROUP + "_tokens", x.shape.dims[0].size * x.shape.dims[1].size)
+    flat = mtf.pad(mtf.reshape(x, [flat_dim] + rest), [0, padding], flat_dim.name)
+    return mtf.reshape(flat, [groups_dim, group_dim] + rest)
+
+
+def _from_groups(x, shape, padding):
+    """[G, S, ...] -> `shape` ([B, T, ...]), dropping the padding slots."""
+    if not padding:
+        return mtf.reshape(x, shape)
+    groups_dim, group_dim = x.shape.dims[:2]
+    rest = x.shape.dims[2:]
+    flat_dim = mtf.Dimension(meshlib.GROUP + "_tokens", groups_dim.size * group_dim.size)
+    flat = mtf.reshape(x, [flat_dim] + rest)
+    return mtf.reshape(mtf.slice(flat, 0, flat_dim.size - padding, flat_dim.name), shape)
 
 
 def _token_choice_experts(tokens, combine, w_in, w_out):
@@ -167,6 +213,37 @@ def _token_choice_experts(tokens, combine, w_in, w_out):
                          output_shape=[groups_dim, group_dim, experts_dim, d_dim],
                          output_dtype=tokens.dtype, splittable_dims=[groups_dim, experts_dim],
                          grad_function=0, name="token_choice_experts")
+
+
+def _routed_experts(tokens, routed, weight, w_in, w_out):
+    """Inference experts without capacity slots (experts must not be split).
+
+    Each expert multiplies exactly the tokens routed to it and kept (tf.where + gather_nd,
+    then scatter back), like HF's per-expert loop: S tokens of work instead of E * C >= 2S
+    slots plus two one-hot dispatch einsums. Same result as the dispatch path.
+    tokens [G, S, D], routed [G, S, E] (one-hot of the chosen expert, 0 when dropped),
+    weight [G, S] (router prob * kept).
+    """
+    groups_dim, group_dim, d_dim = tokens.shape.dims
+    num_experts = w_in.shape.dims[0].size
+
+    def run(x, onehot, gate, wi, wo):
+        if wi.shape[0] != num_experts:  # our invariant: only for layouts that keep experts whole
+            raise ValueError("local_experts=True on a layout that splits the experts")
+        y = tf.zeros_like(x)  # [g, s, d]
+        for expert in range(num_experts):
+            where = tf.where(onehot[:, :, expert] > 0)  # [n, 2] (group, token)
+            w1 = tf.slice(wi, [expert, 0, 0], [1, -1, -1])[0]  # aliases the weights
+            w2 = tf.slice(wo, [expert, 0, 0], [1, -1, -1])[0]
+            h = tf.nn.relu(tf.matmul(tf.gather_nd(x, where), w1))  # [n, f]
+            y += tf.scatter_nd(where, tf.matmul(h, w2), tf.shape(x, out_type=tf.int64))
+        return y * tf.cast(gate, y.dtype)[..., None]
+
+    dtype = tokens.dtype
+    return mtf.slicewise(run, [tokens, routed, mtf.cast(weight, dtype), w_in, w_out],
+                         output_shape=[groups_dim, group_dim, d_dim], output_dtype=dtype,
+                         splittable_dims=[groups_dim, w_in.shape.dims[0]], grad_function=0,
+                         name="routed_experts")
 
 
 def _sliced_expert_outputs(x, index, wi, wo):

@@ -6,12 +6,17 @@ transformers as `GPTSanJapaneseTokenizer`), see DESIGN.md "Encoding rules", but:
 * linear time: the published cleaning regexes backtrack catastrophically (e.g. `'1１' * 16 + 'x'`);
   here the e-mail, western-date and price stages find the same matches as Python's backtracking
   `re` with linear procedures (see `clean_text`);
-* ~10x faster: emoji are found with one scan instead of ~4,300 `str.replace` calls, and the
-  tokenizer loop reads precomputed decisions per 2-char window (see `SWEEncoder._scan`).
+* 10-25x faster: emoji are found with one scan instead of ~4,300 `str.replace` calls; the
+  tokenizer loop reads precomputed decisions per 2-char window (`SWEEncoder._scan`), from
+  tables without the ~140k rare variant spellings when the text has none of their rare chars;
+  texts of VECTOR_MIN_CHARS or more are decided at all positions at once with numpy
+  (`_VectorScanner`).
 """
 import json
 import os
 import re
+
+import numpy as np
 
 from gptsan.errors import GPTSANError
 
@@ -304,6 +309,9 @@ _PRICE_SHORT_PREFIX = 8
 _ASCII_DIGIT_RE = re.compile(r"[0-9]")  # in every phone number and western date
 _BLOCK_RUN_RE = re.compile(r"(?:<BLOCK>){2,}")
 _BLOCK_CHAR_RE = re.compile("[" + _BLOCK_CHARS[0] + "-" + _BLOCK_CHARS[-1] + "]")
+# A char that every match of some cleaning stage contains: ':' (URL), '@', an ASCII digit (phone,
+# western date), 年 (era date), 円/ド/ユ (prices), a box-drawing or block char.
+_CLEAN_TRIGGER_RE = re.compile("[:@0-9年円ドユ" + _BLOCK_CHARS[0] + "-" + _BLOCK_CHARS[-1] + "]")
 
 
 def _sub_email(text):
@@ -544,6 +552,8 @@ def _sub_price(text):
 def clean_text(text):
     """Published `clean_text`: URL, e-mail, phone, date, price and box-drawing placeholders.
     Each stage is skipped when the text lacks what every one of its matches contains."""
+    if _CLEAN_TRIGGER_RE.search(text) is None and "<BLOCK><BLOCK>" not in text:
+        return text  # none of the stages below can match (one scan instead of ~8)
     if "://" in text:
         text = _URL_RE.sub("<URL>", text)
     text = _sub_email(text)
@@ -559,6 +569,152 @@ def clean_text(text):
     if "<BLOCK><BLOCK>" in text:
         text = _BLOCK_RUN_RE.sub("<BLOCK>", text)
     return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4 for long texts: the same decisions, looked up for all positions at once with numpy
+# ----------------------------------------------------------------------------------------------
+# Windows are keyed by their code points in base 0x110001 (a 3-char key < 2**61 fits int64);
+# the digit 0x110000 pads windows past the end of the text, so they match no form.
+_CP_RADIX = 0x110001
+_CP_PAD = 0x110000
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing (2**64 / golden ratio)
+_EMPTY_KEY = -1  # keys are >= 0
+# Texts at least this long use `_VectorScanner` (below it, numpy's per-call cost dominates;
+# the two scans break even at ~900 chars of Japanese text).
+VECTOR_MIN_CHARS = 1000
+
+
+class _IntHashTable:
+    """Open-addressing (linear probing) hash table int64 key -> int64 value, at most 1/4 full,
+    looked up for a whole array of keys at once."""
+
+    def __init__(self, keys, values):
+        keys, values = np.asarray(keys, np.int64), np.asarray(values, np.int64)
+        bits = max(4, int(len(keys) * 4).bit_length())
+        self.shift, self.mask = np.uint64(64 - bits), (1 << bits) - 1
+        self.keys = np.full(1 << bits, _EMPTY_KEY, np.int64)
+        self.values = np.zeros(1 << bits, np.int64)
+        pending, slots = np.arange(len(keys)), self._hash(keys)
+        while len(pending):  # each round: the first claimant of a free slot takes it
+            free = self.keys[slots] == _EMPTY_KEY
+            taken, first = np.unique(slots[free], return_index=True)
+            winners = pending[free][first]
+            self.keys[taken], self.values[taken] = keys[winners], values[winners]
+            stay = np.ones(len(pending), bool)
+            stay[np.flatnonzero(free)[first]] = False
+            pending, slots = pending[stay], (slots[stay] + 1) & self.mask
+
+    def _hash(self, keys):
+        return ((keys.astype(np.uint64) * _HASH_MULTIPLIER) >> self.shift).astype(np.int64)
+
+    def lookup(self, keys, default):
+        """Values of `keys` (int64 array); `default` where a key is absent."""
+        out = np.full(len(keys), default, np.int64)
+        todo, slots = np.arange(len(keys)), self._hash(keys)
+        while len(todo):  # probe until the key or an empty slot
+            found = self.keys[slots]
+            hit = found == keys[todo]
+            out[todo[hit]] = self.values[slots[hit]]
+            more = ~hit & (found != _EMPTY_KEY)
+            todo, slots = todo[more], (slots[more] + 1) & self.mask
+        return out
+
+
+class _VectorScanner:
+    """`SWEEncoder._scan` for long texts: the decision of EVERY position (the same tables: the
+    2-char window, else the first char; a winning 3-char form; '<' rules) is looked up with
+    array operations, then the token starts are the path 0 -> p + length(p) -> ..., found by
+    pointer doubling (log2(tokens) array passes); the ids are the decisions at those starts.
+    Exact: a token's decision depends only on the text from its start, never on the tokens
+    before it."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.chars = self._table({(ord(c),): v for c, v in encoder._char_codes.items()})
+        self.pairs = self._table({tuple(map(ord, k)): v for k, v in encoder._pair_codes.items()})
+        self.triples = self._table({tuple(map(ord, k)): v
+                                    for k, v in encoder._triple_codes.items()})
+        # 4-char specials that no longer form extends (<SP>, <BR>): decided without Python
+        self.short_specials = [(tuple(map(ord, f[1:])), i)
+                               for f, i in encoder._short_specials.items()]
+
+    @staticmethod
+    def _table(items):
+        keys = [_window_key(cps) for cps in items]
+        return _IntHashTable(keys, list(items.values()))
+
+    def scan(self, text):
+        """Token ids of `text` (after steps 1-3), equal to `SWEEncoder._scan(text)`."""
+        try:
+            cps = np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.int64)
+        except UnicodeEncodeError:  # lone surrogate: the loop raises the published error
+            return self.encoder._scan(text)
+        n = len(cps)
+        padded = np.concatenate([cps, np.full(3, _CP_PAD, np.int64)])
+        ids, lengths = self._decide_all(text, padded, n)
+        return self._follow(text, ids, lengths)
+
+    def _decide_all(self, text, padded, n):
+        """(id, length) of the token starting at every position; id -1: the char's fallback."""
+        c0, c1, c2 = padded[:n], padded[1:n + 1], padded[2:n + 2]
+        pair_keys = c0 * _CP_RADIX + c1
+        code = self.pairs.lookup(pair_keys, 0)  # codes are never 0
+        miss = np.flatnonzero(code == 0)
+        code[miss] = self.chars.lookup(c0[miss], SWEEncoder._UNKNOWN_CHAR)
+        extended = np.flatnonzero(code <= SWEEncoder._LOOK_AT_3)
+        if len(extended):
+            own = code[extended]
+            own = np.where(own == SWEEncoder._LOOK_AT_3, SWEEncoder._UNKNOWN_CHAR, -own >> 2)
+            triple = self.triples.lookup(pair_keys[extended] * _CP_RADIX + c2[extended], 0)
+            code[extended] = np.where(triple != 0, triple, own)
+        ids, lengths = code >> 2, code & 3
+        unknown = code == SWEEncoder._UNKNOWN_CHAR
+        ids[unknown], lengths[unknown] = -1, 1
+        self._decide_lt(text, padded, np.flatnonzero(code == SWEEncoder._AT_LT), ids, lengths)
+        return ids, lengths
+
+    def _decide_lt(self, text, padded, at_lt, ids, lengths):
+        """Decisions at '<' positions: the short specials by array comparison, others in Python."""
+        rest = np.ones(len(at_lt), bool)
+        for (a, b, c), token_id in self.short_specials:
+            match = ((padded[at_lt + 1] == a) & (padded[at_lt + 2] == b)
+                     & (padded[at_lt + 3] == c))
+            ids[at_lt[match]], lengths[at_lt[match]] = token_id, 4
+            rest &= ~match
+        for pos in at_lt[rest].tolist():
+            (token_id,), end = self.encoder._lt_decision(text, pos)  # always one token at '<'
+            ids[pos], lengths[pos] = token_id, end - pos
+
+    def _follow(self, text, ids, lengths):
+        """Ids at the token starts 0, 0 + lengths[0], ...; fallback tokens expanded."""
+        n = len(ids)
+        jump = np.minimum(np.arange(n + 1) + np.append(lengths, 0), n)  # n: the end (a sink)
+        path = np.zeros(1, np.int64)
+        while path[-1] != n:  # path: the first 2**k starts; jump: 2**k steps at once
+            path = np.concatenate([path, jump[path]])
+            jump = jump[jump]
+        starts = path[:np.searchsorted(path, n)]
+        out = ids[starts]
+        unknown = np.flatnonzero(out < 0)
+        out = out.tolist()
+        if not len(unknown):
+            return out
+        pieces, last = [], 0
+        for k, pos in zip(unknown.tolist(), starts[unknown].tolist()):
+            pieces += (out[last:k], self.encoder._unknown_chars.get(text[pos])
+                       or self.encoder._fallback(text[pos]))
+            last = k + 1
+        pieces.append(out[last:])
+        return [i for piece in pieces for i in piece]
+
+
+def _window_key(code_points):
+    """The int key of a window of 1-3 code points (`_CP_RADIX` digits)."""
+    key = 0
+    for cp in code_points:
+        key = key * _CP_RADIX + cp
+    return key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,12 +753,13 @@ class SWEEncoder:
         self._special_re = (re.compile("|".join(re.escape(f) for f in specials)) if specials
                             else None)
         self._unknown_chars = {}  # char -> its fallback ids
-        (self._char_codes, self._pair_codes, self._triple_codes,
-         self._extended_pair_codes) = self._build_codes()
+        self._char_codes, self._pair_codes, self._triple_codes = self._build_codes()
+        self._hot_pair_codes, self._hot_triple_codes, self._rare_re = self._split_rare_forms()
         # 4-char forms starting with '<' that no longer form extends (<SP>, <BR>): fast path.
         self._short_specials = {f: i for f, i in self.vocab.items() if f[0] == "<" and len(f) == 4
                                 and not any(g != f and g.startswith(f) for g in specials)}
         self._decode_table = self._build_decode_table()
+        self._vector_scanner = _VectorScanner(self)
 
     @classmethod
     def from_files(cls, vocab_path, emoji_path):
@@ -650,49 +807,61 @@ class SWEEncoder:
         """Token ids of `text` (DESIGN.md "Encoding rules"); `clean` adds the placeholder step."""
         if not isinstance(text, str):
             raise TokenizerInputError(f"encode expects str, got {type(text).__name__}")
+        if not text:
+            return []
         for old, new in _PRE_REPLACEMENTS:
             if old in text:
                 text = text.replace(old, new)
         text = self._replace_emoji(text)
         if clean:
             text = clean_text(text)
+        if len(text) >= VECTOR_MIN_CHARS:
+            return self._vector_scanner.scan(text)
+        if self._rare_re.search(text) is None:
+            return self._scan(text, hot=True)
         return self._scan(text)
 
     # `_scan` decisions are ints: id * 4 + step (step 1..3) for one token, else one of these.
     _AT_LT = -1  # the window starts with '<': see `_encode_lt`
     _UNKNOWN_CHAR = -2  # no form starts here: the char's fallback tokens, step 1
-    _LOOK_AT_3 = -3  # a 3-char form that may win extends this 2-char window
+    _LOOK_AT_3 = -3  # a winning 3-char form extends this 2-char window, which has no form
+    # A 2-char window that a winning 3-char form extends and whose own decision is the positive
+    # code c is stored as -4 * c (<= -4): the triple if present, else c (see `_build_codes`).
 
-    def _scan(self, text):
+    def _scan(self, text, hot=False):
         """Published rule 4 from precomputed decisions: the 2-char window decides unless a
-        3-char form extends it; a 2-char window that is not a form: its first char decides."""
+        3-char form extends it; a 2-char window that is not a form: its first char decides.
+        One Python iteration per token, so the common cases are inlined here. `hot`: use the
+        tables without rare chars (`_split_rare_forms`; `text` must hold no rare char)."""
         ids = []
         append = ids.append
-        get_pair, get_char = self._pair_codes.get, self._char_codes.get
-        specials = self._short_specials
+        pairs, triples = ((self._hot_pair_codes, self._hot_triple_codes) if hot
+                          else (self._pair_codes, self._triple_codes))
+        get_pair, get_char = pairs.get, self._char_codes.get
+        get_triple, get_special = triples.get, self._short_specials.get
+        new_char = self._new_char
         pos, n = 0, len(text)
         while pos < n:
-            code = get_pair(text[pos:pos + 2])
-            if code is None:  # not a form: the first char decides
-                code = get_char(text[pos])
-                if code is None:
-                    code = self._new_char(text[pos])
+            # codes are never 0 (id * 4 + step >= 1, markers < 0), so `or` only skips None
+            code = get_pair(text[pos:pos + 2]) or get_char(text[pos]) or new_char(text[pos])
             if code > 0:
                 append(code >> 2)
                 pos += code & 3
-            elif code == -1 and text[pos:pos + 4] in specials:  # <SP>, <BR>
-                append(specials[text[pos:pos + 4]])
+            elif code <= -4:  # the winning triple, else this pair's own decision
+                code = get_triple(text[pos:pos + 3]) or (-code >> 2)
+                append(code >> 2)
+                pos += code & 3
+            elif code == -1 and get_special(text[pos:pos + 4]) is not None:  # <SP>, <BR>
+                append(get_special(text[pos:pos + 4]))
                 pos += 4
             else:
                 pos = self._encode_slow(text, pos, code, ids)
         return ids
 
     def _encode_slow(self, text, pos, code, ids):
-        """Appends the tokens at `pos` for a negative decision; returns the next position."""
+        """Appends the tokens at `pos` for a marker decision; returns the next position."""
         if code == self._LOOK_AT_3:
-            code = self._triple_codes.get(text[pos:pos + 3])
-            if code is None:
-                code = self._extended_pair_codes[text[pos:pos + 2]]
+            code = self._triple_codes.get(text[pos:pos + 3], self._UNKNOWN_CHAR)
         elif code == self._AT_LT:
             return self._encode_lt(text, pos, ids)
         if code > 0:
@@ -704,7 +873,7 @@ class SWEEncoder:
     def _build_codes(self):
         """Decisions of every 1-char and 2-char form, and of every 3-char form that wins over its
         prefixes (a 3-char form with a larger id than a prefix never wins); a 2-char window that
-        a winning 3-char form extends gets LOOK_AT_3, its own decision goes in `extended`."""
+        a winning 3-char form extends gets -4 * its own decision (LOOK_AT_3 if it has none)."""
         # Canonical forms first, in id order (the published ids follow frequency), each key a
         # fresh string: the common keys and codes end up close together in memory (cache hits).
         canonical = [forms[0] for forms in self.entries]
@@ -717,10 +886,34 @@ class SWEEncoder:
             code = self._decide(triple)
             if code > 0 and code & 3 == 3:
                 triples[triple] = code
-        extended = {t[:2]: self._decide(t[:2]) for t in triples}
         pairs = {f: self._decide(f) for f in forms if len(f) == 2}
-        pairs.update(dict.fromkeys(extended, self._LOOK_AT_3))
-        return chars, pairs, triples, extended
+        for pair in {t[:2] for t in triples}:
+            # the pair's own decision: its form, or its first char's (never '<' here)
+            own = self._decide(pair)
+            pairs[pair] = -4 * own if own > 0 else self._LOOK_AT_3
+        return chars, pairs, triples
+
+    def _split_rare_forms(self):
+        """(pair and triple decisions without rare chars, regex finding a rare char). The
+        published table has ~140k variant spellings of 2-char forms (中囯, 𠁦国, ...) next to ~18k
+        canonical ones; dict look-ups in the full tables miss the CPU caches. Every variant pair
+        or triple gets one char in the rare set (the one in the fewest canonical forms), so on a
+        text without rare chars the windows holding one never occur, and the smaller tables give
+        the same decisions."""
+        canonical = {forms[0] for forms in self.entries}
+        variants = {f for forms in self.entries for f in forms[1:] if len(f) in (2, 3)} - canonical
+        uses = {}  # char -> number of canonical forms containing it
+        for form in canonical:
+            for char in set(form):
+                uses[char] = uses.get(char, 0) + 1
+        rare = set()
+        for form in sorted(variants):
+            if not rare.intersection(form):
+                rare.add(min(form, key=lambda c: (uses.get(c, 0), c)))
+        pairs, triples = ({key: code for key, code in table.items() if not rare.intersection(key)}
+                          for table in (self._pair_codes, self._triple_codes))
+        rare_re = re.compile(_bmp_class_or_astral(rare)) if rare else re.compile(r"(?!)")
+        return pairs, triples, rare_re
 
     def _new_char(self, char):
         """Decision for a char that is not a form (its fallback), cached (bounded)."""
@@ -752,22 +945,25 @@ class SWEEncoder:
         return best
 
     def _encode_lt(self, text, pos, ids):
-        """At '<': the longest form longer than 2 chars wins at once, else the 2/1-char rule."""
+        """At '<': appends the token(s) of `_lt_decision`; returns the next position."""
+        token_ids, end = self._lt_decision(text, pos)
+        ids.extend(token_ids)
+        return end
+
+    def _lt_decision(self, text, pos):
+        """(ids, end) at a '<': the longest form longer than 2 chars wins at once, else the
+        2/1-char rule (smallest id), else the byte token of '<'."""
         code = self._short_specials.get(text[pos:pos + 4])
         if code is not None:
-            ids.append(code)
-            return pos + 4
+            return (code,), pos + 4
         if self._special_re is not None:
             m = self._special_re.match(text, pos)
             if m is not None:
-                ids.append(self.vocab[m.group()])
-                return m.end()
+                return (self.vocab[m.group()],), m.end()
         best = self._smallest_id(text[pos:pos + 2])
         if best is None:
-            ids.extend(self._fallback("<"))
-            return pos + 1
-        ids.append(best[0])
-        return pos + best[1]
+            return self._fallback("<"), pos + 1
+        return (best[0],), pos + best[1]
 
     def _fallback(self, char):
         """<KIGOU>, <U2000U2BFF> or one byte token per UTF-8 byte of an unknown character."""

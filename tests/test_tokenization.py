@@ -55,8 +55,16 @@ def baseline(official):
 # Golden outputs of the published tokenizer
 # ---------------------------------------------------------------------------------------------
 
+@pytest.fixture(params=["loop", "vector"])
+def scan_path(request, monkeypatch):
+    """Runs a test with the per-token loop, then with the array scan for every text length."""
+    if request.param == "vector":
+        monkeypatch.setattr(tokenization, "VECTOR_MIN_CHARS", 0)
+    return request.param
+
+
 @needs_reference
-def test_every_golden_record(official):
+def test_every_golden_record(official, scan_path):
     with gzip.open(GOLDEN, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 541
@@ -188,6 +196,52 @@ def test_cleaning_and_emoji_match_the_published_code(official, baseline):
     check()
 
 
+PROJECT_VOCAB = os.path.join(ROOT, "ja-swe36k.txt")
+PROJECT_EMOJI = os.path.join(ROOT, "emoji.json")
+
+
+def _scan_atoms(encoder):
+    """Pieces that exercise every decision, as a strategy: canonical forms of 1-3 chars, any
+    forms (variants: ties and smallest-id choices between prefixes, rare chars), 2-char heads of
+    3-char forms, forms starting with '<' and their prefixes, chars without a form (fallback
+    tokens) and the pre-replaced whitespace."""
+    canonical = sorted(forms[0] for forms in encoder.entries if len(forms[0]) <= 3)
+    forms = sorted(f for f in encoder.vocab if len(f) <= 3)
+    forms = forms[::97] + [f[:2] for f in forms[::89] if len(f) == 3]
+    tricky = sorted(f for f in encoder.vocab if f[0] == "<")[::37] + [
+        "<SP>", "<BR>", "<TAB>", "<", "<S", "<|byte1", "<|", "\u0e01", "\U0001d11e", "\u00b1",
+        "\u2100", "\x00", " ", "\n", "々"]
+    return st.one_of(st.sampled_from(canonical[::7]), st.sampled_from(forms),
+                     st.sampled_from(tricky))
+
+
+@pytest.mark.parametrize("vocabulary", ["official", "project"])
+def test_array_scan_equals_the_loop_and_the_published_rule(vocabulary, monkeypatch):
+    """The array scan (long texts) and the per-token loop (with the full tables, or the tables
+    without rare chars on texts without them) give the ids of the published algorithm (the
+    baseline of scripts/bench_tokenizer.py) on dense mixes of tricky pieces."""
+    paths = ((OFFICIAL_VOCAB, OFFICIAL_EMOJI) if vocabulary == "official"
+             else (PROJECT_VOCAB, PROJECT_EMOJI))
+    if not os.path.isfile(paths[0]):
+        pytest.skip(f"{paths[0]} is not present on this machine")
+    encoder = SWEEncoder.from_files(*paths)
+    baseline = _load_baseline()(read_vocabulary_file(paths[0]), encoder.emoji)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(_scan_atoms(encoder), max_size=40).map("".join))
+    def check(text):
+        expected = baseline.encode(text)
+        for threshold in (0, 10 ** 9):  # the array scan, the per-token loop
+            monkeypatch.setattr(tokenization, "VECTOR_MIN_CHARS", threshold)
+            assert encoder.encode(text) == expected
+        loop = encoder._scan(text)
+        assert encoder._vector_scanner.scan(text) == loop
+        if encoder._rare_re.search(text) is None:
+            assert encoder._scan(text, hot=True) == loop
+
+    check()
+
+
 _PRICE_ATOMS = ["0", "1", "5", "9", "１", "٣", ",", ",000", ",12", "億", "万", "千", "千万", "円", "ドル",
                 "ユーロ", "(税込)", "+tax", "x"]
 _DATE_ATOMS = ["0", "1", "2", "3", "9", "12", "2020", "１", "/", "-", "年", "月", "日", "時", "分", ":",
@@ -269,7 +323,7 @@ def make_vocab(ordinary, emoji_classes=1):
 TINY_EMOJI = {"emoji": {"😀": "<|emoji1|>", "😀😀": "<|emoji1|>"}, "emoji_inv": {"<|emoji1|>": "😀"}}
 
 
-def test_min_id_rule_and_decode_on_a_tiny_vocabulary():
+def test_min_id_rule_and_decode_on_a_tiny_vocabulary(scan_path):
     enc = SWEEncoder(make_vocab(["b", "abc", "ab", "a", "中国,中國", "x,xy"]), TINY_EMOJI)
     # smallest id wins, not the longest: "b" (0) < "abc" (1) but "abc" does not start at "b"
     assert enc.encode("abc") == [1]

@@ -1,0 +1,635 @@
+"""Estimator glue for training: spout vectors, losses, `model_fn_builder`, hooks, `train()`.
+
+The graph of one step: TFRecord features -> mtf model (gptsan.modeling.build_model) ->
+cross entropy (z-loss) over targets != -1 + 1e-2 x load-balancing loss -> optimizer updates
+(gptsan.optimization) -> lowering on the mesh -> `control_dependencies(updates) ->
+assign_add(global_step, 1)`. Plain `tf.estimator.Estimator` with `PlacementMeshImpl` on CPU/GPU,
+`TPUEstimator` with `SimdMeshImpl` on TPU. Checkpoints hold the full master variables plus the
+optimizer slots and `global_step`, so a killed run resumes where its last checkpoint left off.
+"""
+import math
+import os
+import shutil
+import time
+import zlib
+
+from tqdm import tqdm
+
+from gptsan import mesh as mesh_lib
+from gptsan import optimization
+from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE, expected_variable_shapes, find_checkpoint
+from gptsan.compat import mtf, session_config, tf
+from gptsan.config import PARAMETERS_FILE, GPTSANConfig
+from gptsan.errors import GPTSANError
+
+Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
+AUX_LOSS_WEIGHT = 1e-2  # FORWARD.md §3.6: loss += 1e-2 * sum over Switch layers of load balance
+SPOUT_VECTORS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot")
+TPU_ITERATIONS_PER_LOOP = 100  # published TPUConfig(iterations_per_loop=100)
+LOSS_COLLECTION = "gptsan_train_loss"  # hooks find the loss tensor here
+TOKENS_COLLECTION = "gptsan_tokens_per_step"
+
+
+class TrainingDiverged(GPTSANError):
+    """The loss became NaN/Inf; training stopped without saving the broken weights."""
+
+
+# ---------------------------------------------------------------------------------------------
+# spout vectors (run_train.py --spout_vector)
+
+
+def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
+    """The spout input for each example of a batch, from its class id (`i` feature).
+
+    kind (published run_train.py meanings):
+      none               no spout (None)
+      uniform            fresh U[0,1) noise every step, ignoring the id
+      stateless_uniform  a fixed U[0,1) vector per id: stateless_uniform(seed=(id, id))
+      onehot             one_hot(id mod num_spout)
+      half_onehot        one_hot(id mod num_spout/2) ++ fresh U[0,1) noise for the rest
+    The noise of `uniform`/`half_onehot` is drawn statelessly from (seed, global_step), so a
+    resumed run sees the same vectors as an uninterrupted one.
+    ids: int Tensor [batch, 1] or [batch]. Returns float32 [batch, num_spout] or None.
+    """
+    if kind not in SPOUT_VECTORS:
+        raise GPTSANError(f"unknown --spout_vector {kind!r}; use one of {', '.join(SPOUT_VECTORS)}")
+    if kind == "none":
+        return None
+    if num_spout <= 0:
+        raise GPTSANError(f"--spout_vector {kind} needs a model with num_spout > 0")
+    ids = tf.reshape(tf.cast(ids, tf.int32), [-1])  # [batch]
+    batch = ids.shape[0]
+
+    def noise(width):
+        step = tf.constant(0, tf.int64) if global_step is None else tf.cast(global_step, tf.int64)
+        stateless_seed = tf.stack([tf.constant(seed, tf.int64), step])
+        return tf.random.stateless_uniform([batch, width], seed=stateless_seed)
+
+    if kind == "uniform":
+        return noise(num_spout)
+    if kind == "stateless_uniform":
+        return tf.map_fn(lambda i: tf.random.stateless_uniform([num_spout], seed=tf.stack([i, i])),
+                         ids, fn_output_signature=tf.float32)
+    if kind == "onehot":
+        return tf.one_hot(tf.math.floormod(ids, num_spout), num_spout)
+    half = num_spout // 2
+    return tf.concat([tf.one_hot(tf.math.floormod(ids, max(half, 1)), half),
+                      noise(num_spout - half)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def lm_loss(logits, targets, vocab_dim):
+    """Mean softmax cross entropy (+ z-loss) over the positions whose target is not -1.
+
+    logits: float mtf [batch, length, vocab]; targets: int32 mtf [batch, length] (-1 = no loss).
+    Returns (loss, token_count) as float32 mtf scalars.
+    """
+    weights = mtf.cast(mtf.not_equal(targets, -1), tf.float32)  # [batch, length]
+    labels = mtf.maximum(targets, 0)  # -1 -> any valid id; its loss is weighted out
+    per_token = mtf.layers.softmax_cross_entropy_with_logits(
+        mtf.cast(logits, tf.float32), labels, vocab_dim, z_loss=Z_LOSS)  # [batch, length]
+    count = mtf.reduce_sum(weights)
+    return mtf.reduce_sum(per_token * weights) / mtf.maximum(count, 1.0), count
+
+
+# ---------------------------------------------------------------------------------------------
+# step-seeded randomness (router jitter, ...): a resumed run replays the same noise
+
+
+class StepSeededMeshImpl(mtf.placement_mesh_impl.PlacementMeshImpl):
+    """`PlacementMeshImpl` whose random ops are stateless, keyed by (seed, op, slice, step).
+
+    mtf's own `random()` seeds each op from Python's `random` and `hash()`, and TF's stateful
+    random kernels restart after a restore, so neither a rerun nor a resumed run would see the
+    noise of an uninterrupted run. Here the k-th random op of the graph draws
+    `stateless_uniform/normal(seed=(seed * 2**32 + crc32(k, slice begin), global_step))`:
+    slices that mtf replicates (same slice begin) still get equal values.
+    """
+
+    _STATELESS = {tf.random.uniform: tf.random.stateless_uniform,
+                  tf.random.normal: tf.random.stateless_normal}
+
+    def __init__(self, shape, layout, devices, global_step, seed=0):
+        super().__init__(shape, layout, devices)
+        self._step = tf.cast(global_step, tf.int64)
+        self._seed = int(seed)
+        self._ops = 0
+
+    def random(self, shape, tf_fn, kwargs):
+        stateless = self._STATELESS.get(tf_fn)
+        if stateless is None:
+            return super().random(shape, tf_fn, kwargs)
+        self._ops += 1
+        op_index = self._ops
+        slice_shape = self.slice_shape(shape)
+
+        def draw(pnum):
+            key = zlib.crc32(f"{op_index},{self.slice_begin(shape, pnum)}".encode())
+            base = (self._seed * 2 ** 32 + key) % 2 ** 63
+            seed = tf.stack([tf.constant(base, tf.int64), self._step])
+            return stateless(slice_shape, seed=seed, **kwargs)
+
+        return self.slicewise(draw, self.laid_out_pnum())
+
+
+# ---------------------------------------------------------------------------------------------
+# model_fn
+
+
+class TrainSetup:
+    """Everything `model_fn` needs besides the features (explicit arguments, no globals)."""
+
+    def __init__(self, config, mesh_shape, model_dir, spout_vector="none", dtype="float32",
+                 ignore_names=(), clip_gradients=False, seed=0, devices=None, use_tpu=False,
+                 init_checkpoint=None, summaries=True):
+        self.config = config  # GPTSANConfig (model + train)
+        self.mesh_shape = mesh_lib.parse_mesh_shape(mesh_shape)
+        self.model_dir = model_dir
+        self.spout_vector = spout_vector
+        self.dtype = dtype  # float32 | bfloat16 | float16 activations
+        self.ignore_names = list(ignore_names)
+        self.clip_gradients = clip_gradients
+        self.seed = seed
+        self.devices = devices  # CPU/GPU device names, one per mesh position
+        self.use_tpu = use_tpu
+        self.init_checkpoint = init_checkpoint  # a checkpoint path to start a fresh run from
+        self.summaries = summaries and not use_tpu
+
+    @property
+    def loss_scale(self):
+        return optimization.MIXED_PRECISION_LOSS_SCALE if self.dtype == "float16" else 1.0
+
+
+def model_fn_builder(setup):
+    """Returns the (TPU)Estimator `model_fn(features, labels, mode, params)` for training."""
+
+    def model_fn(features, labels, mode, params):
+        del labels
+        if mode != tf.estimator.ModeKeys.TRAIN:
+            raise GPTSANError("the GPTSAN estimator only trains; use gptsan.inference to predict")
+        from gptsan.modeling import build_model  # the model (H3) is only needed to build graphs
+
+        model_config = setup.config.model
+        x = tf.cast(features["x"], tf.int32)  # [batch, length]
+        batch_size, length = x.shape.as_list()
+        batch_dim = mtf.Dimension(mesh_lib.BATCH, batch_size)
+        length_dim = mtf.Dimension(mesh_lib.LENGTH, length)
+        global_step = tf.train.get_global_step()
+
+        graph = mtf.Graph()
+        if setup.use_tpu:
+            context = params["context"]
+            mesh = mtf.Mesh(graph, "mesh")
+            mesh_impl = mesh_lib.make_mesh_impl(setup.mesh_shape,
+                                                devices=[""] * setup.mesh_shape.size,
+                                                tpu_device_assignment=context.device_assignment)
+        else:
+            mesh = mtf.Mesh(graph, "mesh")
+            devices = setup.devices or mesh_lib.cpu_devices_for(setup.mesh_shape)
+            mesh_impl = StepSeededMeshImpl(setup.mesh_shape, mesh_lib.layout_rules(), devices,
+                                           global_step, setup.seed)
+
+        ids = mtf.import_tf_tensor(mesh, x, mtf.Shape([batch_dim, length_dim]))
+        targets = mtf.import_tf_tensor(mesh, tf.cast(features["y"], tf.int32),
+                                       mtf.Shape([batch_dim, length_dim]))
+        num_precontext = mtf.import_tf_tensor(
+            mesh, tf.reshape(tf.cast(features["num_input"], tf.int32), [batch_size]),
+            mtf.Shape([batch_dim]))
+        spout = None
+        spout_tf = spout_vectors(setup.spout_vector, features["i"], model_config.num_spout,
+                                 global_step, setup.seed)
+        if spout_tf is not None:
+            spout = mtf.import_tf_tensor(
+                mesh, spout_tf,
+                mtf.Shape([batch_dim, mtf.Dimension(mesh_lib.SPOUT, model_config.num_spout)]))
+
+        output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
+                             variable_dtype=mesh_lib.dtype_policy(setup.dtype))
+        vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
+        cross_entropy, token_count = lm_loss(output.logits, targets, vocab_dim)
+        aux_loss = output.aux_loss
+        if aux_loss is None:
+            aux_loss = mtf.zeros(mesh, mtf.Shape([]), tf.float32)
+        aux_loss = mtf.cast(aux_loss, tf.float32)
+        loss = cross_entropy + aux_loss * AUX_LOSS_WEIGHT
+        train_ops = optimization.build_train_ops(
+            loss, setup.config.train, global_step, ignore_names=setup.ignore_names,
+            clip_gradients=setup.clip_gradients, loss_scale=setup.loss_scale,
+            order_updates=not setup.use_tpu)
+
+        lowering = mtf.Lowering(graph, {mesh: mesh_impl})
+        tf_loss = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
+        tf_update_ops = [lowering.lowered_operation(op) for op in train_ops.update_ops]
+        with tf.control_dependencies(tf_update_ops):
+            train_op = tf.assign_add(global_step, 1)
+        tf.add_to_collection(LOSS_COLLECTION, tf_loss)
+        tf.add_to_collection(TOKENS_COLLECTION, tf.constant(batch_size * length, tf.int64))
+
+        if setup.summaries:
+            _add_summaries(lowering, tf_loss, cross_entropy, aux_loss, token_count, train_ops,
+                           output)
+        if setup.init_checkpoint:
+            _init_from_checkpoint(setup.init_checkpoint)
+
+        with mtf.utils.outside_all_rewrites():
+            restore_hook = mtf.MtfRestoreHook(lowering)
+            saver = tf.train.Saver(tf.global_variables(), sharded=True,
+                                   max_to_keep=setup.config.train.max_to_keep_save,
+                                   keep_checkpoint_every_n_hours=(
+                                       setup.config.train.checkpoint_per_hours),
+                                   defer_build=False, save_relative_paths=True)
+            tf.add_to_collection(tf.GraphKeys.SAVERS, saver)
+            saver_hook = tf.train.CheckpointSaverHook(
+                setup.model_dir, save_steps=setup.config.train.checkpoint_per_steps, saver=saver,
+                listeners=[mtf.MtfCheckpointSaverListener(lowering)])
+        # MtfRestoreHook must come before the saver hook (DESIGN.md "Stack facts").
+        hooks = [restore_hook, saver_hook]
+        if setup.use_tpu:
+            return tf.estimator.tpu.TPUEstimatorSpec(mode, loss=tf_loss, train_op=train_op,
+                                                     training_hooks=hooks)
+        return tf.estimator.EstimatorSpec(mode, loss=tf_loss, train_op=train_op,
+                                          training_hooks=hooks)
+
+    return model_fn
+
+
+def _add_summaries(lowering, tf_loss, cross_entropy, aux_loss, token_count, train_ops, output):
+    """TensorBoard scalars: losses, learning rate, grad norm, per-layer router statistics."""
+    export = lowering.export_to_tf_tensor
+    tf.summary.scalar("loss/total", tf_loss)
+    tf.summary.scalar("loss/cross_entropy", export(cross_entropy))
+    tf.summary.scalar("loss/load_balancing", export(aux_loss))
+    tf.summary.scalar("train/learning_rate", train_ops.learning_rate)
+    tf.summary.scalar("train/gradient_norm", export(train_ops.grad_norm))
+    tf.summary.scalar("train/target_tokens", export(token_count))
+    for layer, stats in enumerate(getattr(output, "router_stats", None) or []):
+        entropy = _stat(stats, "router_entropy")
+        fraction = _stat(stats, "expert_fraction")
+        if entropy is not None:
+            tf.summary.scalar(f"router/layer{layer}/entropy", export(mtf.cast(entropy, tf.float32)))
+        if fraction is not None:
+            fractions = export(mtf.cast(fraction, tf.float32))  # [experts]
+            for expert in range(fractions.shape.as_list()[0]):
+                tf.summary.scalar(f"router/layer{layer}/expert{expert}_fraction",
+                                  fractions[expert])
+
+
+def _stat(stats, name):
+    return stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+
+
+def _init_from_checkpoint(path):
+    """Starts the master variables (and matching optimizer slots) from checkpoint `path`.
+
+    Call after lowering (the master variables exist then); `global_step` starts at 0.
+    """
+    reader = tf.train.load_checkpoint(path)
+    stored = reader.get_variable_to_shape_map()
+    assignment = {}
+    for variable in tf.global_variables():
+        name = optimization.variable_base_name(variable.name)
+        if name == "global_step" or name not in stored:
+            continue
+        if list(stored[name]) != variable.shape.as_list():
+            raise GPTSANError(f"--init_checkpoint {path}: {name} has shape {stored[name]} but the "
+                              f"model needs {variable.shape.as_list()}")
+        assignment[name] = variable
+    tf.train.init_from_checkpoint(path, assignment)
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks
+
+
+class StopOnNonFiniteLoss(tf.train.SessionRunHook):
+    """Raises TrainingDiverged as soon as the loss is NaN/Inf, before any checkpoint hook runs."""
+
+    def __init__(self, model_dir):
+        self._model_dir = model_dir
+
+    def begin(self):
+        self._loss = tf.get_collection(LOSS_COLLECTION)[0]
+        self._global_step = tf.train.get_global_step()
+
+    def after_create_session(self, session, coord):
+        # Counted here, not fetched per step: a fetched global_step races with its assign_add.
+        self._step = int(session.run(self._global_step))
+
+    def before_run(self, run_context):
+        return tf.train.SessionRunArgs(self._loss)
+
+    def after_run(self, run_context, run_values):
+        self._step += 1
+        loss = float(run_values.results)
+        if not math.isfinite(loss):
+            last = tf.train.latest_checkpoint(self._model_dir)
+            kept = f"the last good checkpoint {os.path.basename(last)} is kept" if last else \
+                "no checkpoint was written"
+            raise TrainingDiverged(f"loss became {loss} at step {self._step}; training stopped "
+                                   f"and {kept} (lower base_lr or use --clip_gradients)")
+
+
+class ProgressBar(tf.train.SessionRunHook):
+    """A tqdm bar over global steps with the loss and tokens/s of the last steps."""
+
+    def __init__(self, max_steps=None, smoothing=0.9, enabled=True):
+        self._max_steps = max_steps
+        self._enabled = enabled  # False: only record the losses
+        self._smoothing = smoothing  # exponential moving average of the loss shown
+        self.losses = []  # (global step, loss) of every step run, for callers and tests
+
+    def begin(self):
+        self._loss = tf.get_collection(LOSS_COLLECTION)[0]
+        self._tokens = tf.get_collection(TOKENS_COLLECTION)[0]
+        self._global_step = tf.train.get_global_step()
+
+    def after_create_session(self, session, coord):
+        start = self._step = int(session.run(self._global_step))
+        self._tokens_per_step = int(session.run(self._tokens))
+        self._bar = tqdm(total=self._max_steps, initial=start, unit="step", dynamic_ncols=True,
+                         desc="train", disable=not self._enabled)
+        self._average = None
+        self._time = time.perf_counter()
+
+    def before_run(self, run_context):
+        return tf.train.SessionRunArgs(self._loss)
+
+    def after_run(self, run_context, run_values):
+        loss = run_values.results
+        now = time.perf_counter()
+        elapsed, self._time = now - self._time, now
+        self._step += 1
+        self.losses.append((self._step, float(loss)))
+        if math.isfinite(float(loss)):
+            self._average = float(loss) if self._average is None else (
+                self._smoothing * self._average + (1 - self._smoothing) * float(loss))
+        self._bar.set_postfix(loss=f"{self._average:.4f}" if self._average is not None else loss,
+                              tok_s=f"{self._tokens_per_step / max(elapsed, 1e-9):.0f}")
+        self._bar.update(1)
+
+    def end(self, session):
+        self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+def latest_global_step(model_dir):
+    """global_step of the newest checkpoint in `model_dir` (0 when there is none)."""
+    path = tf.train.latest_checkpoint(model_dir) if model_dir and os.path.isdir(model_dir) else None
+    if not path:
+        return 0
+    return int(tf.train.load_checkpoint(path).get_tensor(tf.GraphKeys.GLOBAL_STEP))
+
+
+def resumable_input_fn(input_fn, start_step):
+    """Skips the `start_step` batches a resumed run has already trained on (same seed order)."""
+
+    def wrapped(params):
+        dataset = input_fn(params)
+        return dataset.skip(start_step) if start_step else dataset
+
+    return wrapped
+
+
+def make_estimator(setup, tpu_cluster=None, summary_steps=100):
+    """`tf.estimator.Estimator` (CPU/GPU) or `TPUEstimator` for `setup`."""
+    model_fn = model_fn_builder(setup)
+    batch_size = setup.config.train.batch_size
+    if setup.use_tpu:
+        run_config = tf.estimator.tpu.RunConfig(
+            cluster=tpu_cluster, model_dir=setup.model_dir, save_checkpoints_steps=None,
+            save_checkpoints_secs=None, tf_random_seed=setup.seed,
+            tpu_config=tf.estimator.tpu.TPUConfig(
+                iterations_per_loop=TPU_ITERATIONS_PER_LOOP, num_cores_per_replica=1,
+                per_host_input_for_training=tf.estimator.tpu.InputPipelineConfig.BROADCAST))
+        return tf.estimator.tpu.TPUEstimator(use_tpu=True, eval_on_tpu=False, model_fn=model_fn,
+                                             config=run_config, params={},
+                                             train_batch_size=batch_size)
+    run_config = tf.estimator.RunConfig(
+        model_dir=setup.model_dir, tf_random_seed=setup.seed, save_checkpoints_steps=None,
+        save_checkpoints_secs=None, save_summary_steps=summary_steps if setup.summaries else None,
+        log_step_count_steps=None, session_config=session_config(setup.mesh_shape.size))
+    return tf.estimator.Estimator(model_fn=model_fn, config=run_config, params={})
+
+
+def train(setup, input_fn, max_steps=None, tpu_cluster=None, summary_steps=100, progress=True):
+    """Trains from the last checkpoint in `setup.model_dir` up to global step `max_steps`.
+
+    `input_fn(params) -> tf.data.Dataset` must yield the same batches in the same order for the
+    same seed; the batches already trained on are skipped on resume. Returns the list of
+    (global step, loss) of every step run (empty on TPU).
+    """
+    start = latest_global_step(setup.model_dir)
+    if max_steps is not None and start >= max_steps:
+        return []
+    estimator = make_estimator(setup, tpu_cluster, summary_steps)
+    bar = ProgressBar(max_steps, enabled=progress)
+    hooks = [StopOnNonFiniteLoss(setup.model_dir), bar]
+    if setup.use_tpu:
+        hooks = []  # TPU runs iterations_per_loop steps per session.run; hooks see only loops
+    try:
+        estimator.train(resumable_input_fn(input_fn, start), max_steps=max_steps, hooks=hooks)
+    except tf.train.NanLossDuringTrainingError:
+        raise TrainingDiverged(f"loss became NaN during training; training stopped and the last "
+                               f"checkpoint in {setup.model_dir} is kept") from None
+    return bar.losses
+
+
+LOSS_SUMMARY_STEPS = 5  # describe_losses averages this many steps at each end
+
+
+def describe_losses(losses):
+    """'; loss 10.43 -> 6.12 (mean of the first/last 5 steps)' or '' for no steps."""
+    if not losses:
+        return ""
+    k = min(LOSS_SUMMARY_STEPS, len(losses))
+    first = sum(v for _, v in losses[:k]) / k
+    last = sum(v for _, v in losses[-k:]) / k
+    return f"; loss {first:.4f} -> {last:.4f} (mean of the first/last {k} steps)"
+
+
+# ---------------------------------------------------------------------------------------------
+# run preparation: every check happens before anything is written
+
+
+def find_input_files(patterns):
+    """Comma-separated glob patterns -> sorted list of files (GPTSANError when none match)."""
+    files = set()
+    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
+        # tf.io.gfile also globs gs:// buckets (TPU training data)
+        files.update(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+    if not files:
+        raise GPTSANError(f"no input files matched --input_files {patterns!r}")
+    return sorted(files)
+
+
+def record_length(files):
+    """Length of the `x` feature of the first TFRecord example found in `files`."""
+    for path in files:
+        try:
+            for record in tf.io.tf_record_iterator(path):
+                example = tf.train.Example.FromString(record)
+                feature = example.features.feature
+                if "x" not in feature:
+                    raise GPTSANError(f"{path}: TFRecord examples have no 'x' feature; make them "
+                                      "with scripts/make_tfrecord.py")
+                return len(feature["x"].int64_list.value)
+        except tf.errors.OpError as err:
+            raise GPTSANError(f"{path} is not a readable TFRecord file: "
+                              f"{err.message.splitlines()[0]}") from None
+    raise GPTSANError(f"the input files hold no TFRecord examples ({files[0]} ...)")
+
+
+def check_records(files, num_contexts):
+    length = record_length(files)
+    if length != num_contexts:
+        raise GPTSANError(f"the TFRecords have num_context={length} but the model has "
+                          f"num_contexts={num_contexts}; rebuild them with "
+                          f"scripts/make_tfrecord.py --num_context {num_contexts}")
+
+
+def vocabulary_size(path):
+    """Entries of a ja-swe vocabulary file (`read().split('\\n')`, DESIGN.md)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return len(f.read().split("\n"))
+    except FileNotFoundError:
+        raise GPTSANError(f"vocabulary file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GPTSANError(f"cannot read vocabulary {path}: {err}") from None
+
+
+def checkpoint_shapes(path):
+    """{name: shape} of the newest checkpoint in a directory / of a prefix; None when absent."""
+    if os.path.isdir(path) and not tf.train.latest_checkpoint(path) and not any(
+            f.endswith(".index") for f in os.listdir(path)):
+        return None
+    prefix = find_checkpoint(path)
+    try:
+        return {n: tuple(s) for n, s in
+                tf.train.load_checkpoint(prefix).get_variable_to_shape_map().items()}
+    except tf.errors.OpError as err:
+        raise GPTSANError(f"cannot read checkpoint {prefix}: "
+                          f"{err.message.splitlines()[0]}") from None
+
+
+def check_checkpoint_shapes(stored, model, source):
+    """Every model variable in `stored` must have the shape `model` needs."""
+    for name, shape in expected_variable_shapes(model).items():
+        if name in stored and tuple(stored[name]) != tuple(shape):
+            what = "vocabulary size" if name in ("model/wte", "model/wob") else "shape"
+            raise GPTSANError(f"{source}: {name} has shape {list(stored[name])} but the config "
+                              f"needs {list(shape)} ({what} differs)")
+
+
+def slot_names(name, optimizer):
+    """Optimizer slot variable names of variable `name` (a resumed run needs them)."""
+    if optimizer == "adam":
+        return [name + s for s in optimization.ADAM_SLOT_SUFFIXES]
+    return [name + "_slot_v", name + "_slot_vr"]  # adafactor: unfactored or factored
+
+
+def check_resumable(stored, model, ignore_names, optimizer, model_dir):
+    """The checkpoint in the output directory must hold the state this run restores.
+
+    That is `global_step` and the `optimizer` slots of every variable not frozen by
+    `ignore_names` (the restore needs every variable of the graph; freezing more is fine).
+    """
+    def has_slots(name, kind):
+        return any(slot in stored for slot in slot_names(name, kind))
+
+    trainable = [n for n in expected_variable_shapes(model) if n not in set(ignore_names)]
+    for other in ("adam", "adafactor"):
+        if other != optimizer and any(has_slots(n, other) for n in trainable):
+            raise GPTSANError(f"{model_dir} was trained with --optimizer {other}; resume with the "
+                              "same optimizer")
+    with_state = [n for n in trainable if has_slots(n, optimizer)]
+    if "global_step" not in stored or not with_state:
+        raise GPTSANError(f"{model_dir} holds a checkpoint without {optimizer} training state "
+                          "(e.g. written by add_layers or convert_checkpoint); train into a new "
+                          f"--model_dir with --init_checkpoint {model_dir}")
+    missing = [n for n in trainable if n not in with_state]
+    if missing:
+        raise GPTSANError(f"{model_dir} has no optimizer state for {missing[0]} (+{len(missing) - 1}"
+                          " more): it was frozen in that run; resume with the same "
+                          "--ignore_parameters")
+
+
+def check_ignore_names(names, model):
+    """The ignore list must name model variables and leave at least one to train."""
+    expected = expected_variable_shapes(model)
+    optimization.check_known_names(names, expected)
+    if len(set(names)) == len(expected):
+        raise GPTSANError("--ignore_parameters freezes every variable: nothing left to train")
+
+
+def select_devices(mesh_shape, batch_size, model):
+    """Device names for the mesh on this machine (GPUs if any, else logical CPUs), checked."""
+    shape = mesh_lib.parse_mesh_shape(mesh_shape)
+    batch_split = shape.get_dim_by_name(mesh_lib.MESH_BATCH).size
+    model.validate_model_parallel(mesh_lib.model_parallel_size(shape))
+    if batch_size % batch_split:
+        raise GPTSANError(f"batch_size={batch_size} is not divisible by the mesh batch size "
+                          f"{batch_split} ({mesh_lib.format_mesh_shape(shape)})")
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if shape.size > len(gpus):
+            raise GPTSANError(f"mesh {mesh_lib.format_mesh_shape(shape)} needs {shape.size} "
+                              f"devices but this machine has {len(gpus)} GPU(s)")
+        return [f"/device:GPU:{k}" for k in range(shape.size)]
+    return mesh_lib.cpu_devices_for(shape)
+
+
+def check_training_inputs(config, input_files, vocabulary, ignore_names, init_checkpoint=None):
+    """Every check of a run that needs no graph; raises GPTSANError before anything is written.
+
+    Checks the TFRecords (found, num_context), the vocabulary size, the ignore list, and the
+    checkpoint to resume from (`config.train.output_dir`: same model, shapes, training state of
+    the same optimizer) or to start from (`init_checkpoint`: shapes). Returns (files, prefix of
+    the init checkpoint or None -- None also when the output directory already resumes).
+    """
+    model, train = config.model, config.train
+    model_dir = train.output_dir
+    if init_checkpoint and os.path.abspath(init_checkpoint) == os.path.abspath(model_dir):
+        raise GPTSANError("--init_checkpoint must differ from --model_dir (the output directory)")
+    files = find_input_files(input_files)
+    check_records(files, model.num_contexts)
+    model.validate_vocabulary(vocabulary_size(vocabulary), source=vocabulary)
+    check_ignore_names(ignore_names, model)
+    existing_params = os.path.join(model_dir, PARAMETERS_FILE)
+    if (os.path.isfile(existing_params)
+            and GPTSANConfig.from_json_file(existing_params).model != model):
+        raise GPTSANError(f"{model_dir} holds a different model (its {PARAMETERS_FILE} differs "
+                          "from the parameter file); choose another --model_dir")
+    stored = checkpoint_shapes(model_dir) if os.path.isdir(model_dir) else None
+    if stored is not None:  # resume: the init checkpoint is not used
+        check_checkpoint_shapes(stored, model, model_dir)
+        check_resumable(stored, model, ignore_names, train.optimizer, model_dir)
+        return files, None
+    if not init_checkpoint:
+        return files, None
+    init_stored = checkpoint_shapes(init_checkpoint) if os.path.exists(init_checkpoint) or \
+        os.path.exists(init_checkpoint + ".index") else None
+    if init_stored is None:
+        raise GPTSANError(f"no checkpoint in --init_checkpoint {init_checkpoint}")
+    check_checkpoint_shapes(init_stored, model, init_checkpoint)
+    return files, find_checkpoint(init_checkpoint)
+
+
+def write_model_dir(config, vocabulary, emoji=None):
+    """Creates the output directory with parameters.json and vocabulary/emoji copies (atomic)."""
+    model_dir = config.train.output_dir
+    os.makedirs(model_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(model_dir, PARAMETERS_FILE)):
+        config.to_json_file(os.path.join(model_dir, PARAMETERS_FILE))
+    for source, name in ((vocabulary, VOCAB_FILE), (emoji, EMOJI_FILE)):
+        target = os.path.join(model_dir, name)
+        if source and not os.path.exists(target):
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)

@@ -1,0 +1,401 @@
+"""Prediction without Estimator: `Predictor(model_dir)` -> forward / prefill / step / reorder_cache.
+
+All programs of a Predictor (one per input shape) live in ONE tf.Graph and ONE Session and
+share the model variables (`AUTO_REUSE`), so the checkpoint is restored once (plain
+`tf.train.Saver` over the master variables, then `copy_masters_to_slices`) and a new input
+shape only adds its ops. Incremental decoding keeps a fixed-length K/V cache of
+`num_contexts` slots per layer in TF variables ([batch, heads, memory, head_dim]); `prefill`
+writes the prompt's keys/values; each `step` attends to the cache (slots not yet written are
+masked) plus its own key, then writes its key/value into the slot at the fed position
+(StridedSliceAssign): no graph rebuild and no cache copy per token.
+"""
+import collections
+import os
+
+import numpy as np
+
+from gptsan import mesh as meshlib
+from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
+from gptsan.compat import mtf, session_config, tf
+from gptsan.config import PARAMETERS_FILE, GPTSANConfig
+from gptsan.errors import GPTSANError
+from gptsan.modeling import MODEL_VARIABLE_PREFIXES, KVCache, build_model, variable_shapes
+
+MAX_PROGRAMS = 8  # input shapes kept callable at once (each adds its ops to the graph)
+
+
+class Predictor:
+    """Runs a GPTSAN model directory (float32 by default) on a CPU/GPU mesh.
+
+    Args:
+      model_dir: directory with `parameters.json` and a TF checkpoint.
+      mesh_shape: e.g. "batch:1,model:2" (default 1x1); the checkpoint may come from any mesh.
+      batch_size: optional hint; programs are built per input shape on demand (the batch is
+        static in each program; a new batch size builds new programs, no padding).
+      dtype: activation dtype, float32 | bfloat16 | float16.
+      threads: intra/inter-op threads of the session (None: TensorFlow's default).
+      devices: optional explicit device names (one per mesh position).
+    """
+
+    def __init__(self, model_dir, mesh_shape=None, batch_size=None, dtype="float32",
+                 threads=None, devices=None):
+        self.model_dir = model_dir
+        self.config = _load_config(model_dir)
+        self.model_config = self.config.model
+        self.checkpoint = _find_checkpoint(model_dir)
+        _check_checkpoint(self.checkpoint, self.model_config)
+        self.mesh_shape = meshlib.parse_mesh_shape(mesh_shape)
+        self.model_config.validate_model_parallel(meshlib.model_parallel_size(self.mesh_shape))
+        self.variable_dtype = meshlib.dtype_policy(dtype)
+        if devices is None:
+            devices = meshlib.cpu_devices_for(self.mesh_shape)
+        self._mesh_impl = meshlib.make_mesh_impl(self.mesh_shape, devices=devices)
+        self.batch_size = batch_size
+        self.max_length = self.model_config.num_contexts
+        self.encoder = _load_encoder(model_dir)
+
+        self._graph = tf.Graph()
+        config = session_config(meshlib.mesh_size(self.mesh_shape))
+        if threads:
+            config.intra_op_parallelism_threads = threads
+            config.inter_op_parallelism_threads = threads
+        self._session = tf.Session(graph=self._graph, config=config)
+        self._restored = False
+        self._programs = collections.OrderedDict()
+        self._caches = {}  # batch -> _Cache
+        self._cache = None  # the active _Cache
+        self.cache_length = 0
+        self._cache_precontext = None  # [b] int32 of the active cache
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, input_ids, num_precontext=None, spout=None):
+        """Full forward pass.
+
+        Args:
+          input_ids: int [b, s] token ids (s <= num_contexts).
+          num_precontext: None, int or int [b]: prefix length in memory index (with a spout,
+            the spout slot counts: 1 + prefix tokens).
+          spout: None or float [b, num_spout] (or [num_spout], broadcast over the batch).
+        Returns:
+          {"logits": [b, s, vocab], "hidden_states": L x [b, s, d],
+           "expert_index": n_switch x [b, s], "expert_kept": n_switch x [b, s] bool}
+        """
+        ids, precontext, spout = self._check_inputs(input_ids, num_precontext, spout)
+        program = self._program(ids.shape[0], ids.shape[1], spout is not None, "forward")
+        return program.run(ids, precontext, spout)
+
+    def prefill(self, input_ids, num_precontext=None, spout=None):
+        """Forward pass that also (re)fills the K/V cache; returns the same dict as `forward`."""
+        ids, precontext, spout = self._check_inputs(input_ids, num_precontext, spout)
+        slots = ids.shape[1] + (1 if spout is not None else 0)
+        if slots > self.max_length:
+            raise GPTSANError(f"prompt needs {slots} cache slots (tokens + spout) but the model "
+                              f"has num_contexts={self.max_length}")
+        batch = ids.shape[0]
+        program = self._program(batch, ids.shape[1], spout is not None, "prefill")
+        self._cache = self._cache_for(batch)
+        result = program.run(ids, precontext, spout)
+        self.cache_length = slots
+        self._cache_precontext = precontext
+        return result
+
+    def step(self, token_ids):
+        """Appends one token per row to the cache. token_ids: int [b].
+
+        Returns {"logits": [b, vocab], "hidden_states": L x [b, d]}.
+        """
+        if self._cache is None or self.cache_length == 0:
+            raise GPTSANError("step() needs a prefill() first")
+        tokens = self._check_ids(np.asarray(token_ids).reshape(-1, 1), "token_ids")
+        if tokens.shape[0] != self._cache.batch:
+            raise GPTSANError(f"step() got {tokens.shape[0]} tokens but the cache holds "
+                              f"{self._cache.batch} rows")
+        if self.cache_length >= self.max_length:
+            raise GPTSANError(f"the K/V cache is full: {self.cache_length} slots = "
+                              f"num_contexts={self.max_length}")
+        program = self._program(self._cache.batch, 1, False, "step")
+        out = program.run(tokens, self._cache_precontext, None, position=self.cache_length)
+        self.cache_length += 1
+        return {"logits": out["logits"][:, 0],
+                "hidden_states": [h[:, 0] for h in out["hidden_states"]]}
+
+    def reorder_cache(self, indices):
+        """Beam search: row i of the cache becomes old row indices[i]."""
+        if self._cache is None:
+            raise GPTSANError("reorder_cache() needs a prefill() first")
+        indices = np.asarray(indices)
+        batch = self._cache.batch
+        if indices.shape != (batch,) or not np.issubdtype(indices.dtype, np.integer):
+            raise GPTSANError(f"reorder_cache indices must be {batch} integers, got shape "
+                              f"{indices.shape}")
+        bad = indices[(indices < 0) | (indices >= batch)]
+        if bad.size:
+            raise GPTSANError(f"reorder_cache index {int(bad[0])} is out of range for a batch "
+                              f"of {batch}")
+        self._cache.reorder(indices.astype(np.int32))
+        self._cache_precontext = self._cache_precontext[indices]
+
+    def close(self):
+        self._session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_ids(self, input_ids, name="input_ids"):
+        try:
+            ids = np.asarray(input_ids)
+        except (TypeError, ValueError):
+            raise GPTSANError(f"{name} must be a 2-D array of token ids") from None
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise GPTSANError(f"{name} must have shape [batch, length] with both >= 1, "
+                              f"got {list(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise GPTSANError(f"{name} must be integers, got dtype {ids.dtype}")
+        vocab = self.model_config.num_vocabulary
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = np.argwhere((ids < 0) | (ids >= vocab))
+            where = tuple(int(i) for i in bad[0])
+            raise GPTSANError(f"token id {int(ids[where])} at {list(where)} is out of range: "
+                              f"valid ids are 0..{vocab - 1} (num_vocabulary={vocab})")
+        if ids.shape[1] > self.max_length:
+            raise GPTSANError(f"sequence of {ids.shape[1]} tokens is longer than "
+                              f"num_contexts={self.max_length}")
+        return ids.astype(np.int32)
+
+    def _check_inputs(self, input_ids, num_precontext, spout):
+        ids = self._check_ids(input_ids)
+        batch = ids.shape[0]
+        if num_precontext is None:
+            precontext = np.zeros([batch], np.int32)
+        else:
+            precontext = np.asarray(num_precontext)
+            if precontext.ndim == 2 and precontext.shape[1] == 1:
+                precontext = precontext[:, 0]  # published [batch, 1]
+            if precontext.ndim == 0:
+                precontext = np.full([batch], int(precontext))
+            if precontext.shape != (batch,) or precontext.dtype.kind not in "iu":
+                raise GPTSANError(f"num_precontext must be an integer or {batch} integers, "
+                                  f"got shape {list(precontext.shape)}")
+            bad = precontext[(precontext < 0) | (precontext > self.max_length)]
+            if bad.size:
+                raise GPTSANError(f"num_precontext {int(bad[0])} is out of range "
+                                  f"0..{self.max_length}")
+            precontext = precontext.astype(np.int32)
+        if spout is not None:
+            width = self.model_config.num_spout
+            if not width:
+                raise GPTSANError("a spout vector was given but the model has num_spout=0")
+            spout = np.asarray(spout, dtype=np.float32)
+            if spout.ndim == 1:
+                spout = np.tile(spout[None], [batch, 1])
+            if spout.ndim != 2 or spout.shape[1] != width:
+                raise GPTSANError(f"spout has length {spout.shape[-1] if spout.ndim else 0} "
+                                  f"but the model expects num_spout={width}")
+            if spout.shape[0] != batch:
+                raise GPTSANError(f"spout has {spout.shape[0]} rows for a batch of {batch}")
+            if not np.all(np.isfinite(spout)):
+                raise GPTSANError("spout contains NaN or infinite values")
+        return ids, precontext, spout
+
+    # ------------------------------------------------------------------ programs
+    def _program(self, batch, length, spout, kind):
+        key = (batch, length, spout, kind)
+        program = self._programs.get(key)
+        if program is None:
+            if len(self._programs) >= MAX_PROGRAMS:
+                self._programs.popitem(last=False)
+            program = _Program(self, batch, length, spout, kind)
+            self._programs[key] = program
+        else:
+            self._programs.move_to_end(key)
+        return program
+
+    def _cache_for(self, batch):
+        if batch not in self._caches:
+            self._caches[batch] = _Cache(self, batch)
+        return self._caches[batch]
+
+    def _restore(self, lowering):
+        """Restores the master variables once; then fills this lowering's slices."""
+        if not self._restored:
+            masters = {v.op.name: v for v in self._graph.get_collection(
+                tf.GraphKeys.GLOBAL_VARIABLES) if v.op.name.startswith(MODEL_VARIABLE_PREFIXES)}
+            tf.train.Saver(masters).restore(self._session, self.checkpoint)
+            self._restored = True
+        self._session.run(lowering.copy_masters_to_slices())
+
+
+class _Cache:
+    """Per-batch K/V cache variables: per layer K and V [batch, heads, num_contexts, head_dim]."""
+
+    def __init__(self, predictor, batch):
+        config = predictor.model_config
+        self.batch = batch
+        shape = [batch, config.num_header, config.num_contexts, config.head_dim]
+        with predictor._graph.as_default(), tf.variable_scope(f"kv_cache_b{batch}"):
+            self.keys = [tf.Variable(tf.zeros(shape), trainable=False, name=f"k{l}",
+                                     collections=[]) for l in range(config.num_layers)]
+            self.values = [tf.Variable(tf.zeros(shape), trainable=False, name=f"v{l}",
+                                       collections=[]) for l in range(config.num_layers)]
+            self._indices = tf.placeholder(tf.int32, [batch], name="reorder_indices")
+            self._reorder = tf.group([var.assign(tf.gather(var, self._indices))
+                                      for var in self.keys + self.values])
+        predictor._session.run([v.initializer for v in self.keys + self.values])
+        self._session = predictor._session
+
+    def reorder(self, indices):
+        self._session.run(self._reorder, {self._indices: indices})
+
+
+class _Program:
+    """One lowered mtf graph for a (batch, length, spout, kind) in the Predictor's tf.Graph.
+
+    kind: "forward" (no cache), "prefill" (writes the cache's first slots) or "step"
+    (one token at a fed cache position).
+    """
+
+    def __init__(self, predictor, batch, length, spout, kind):
+        config = predictor.model_config
+        self.kind = kind
+        cache = predictor._cache_for(batch) if kind != "forward" else None
+        graph = predictor._graph
+        with graph.as_default(), tf.variable_scope(tf.get_variable_scope(),
+                                                   reuse=tf.AUTO_REUSE):
+            mtf_graph = mtf.Graph()
+            mesh = mtf.Mesh(mtf_graph, "gptsan")
+            batch_dim = mtf.Dimension(meshlib.BATCH, batch)
+            length_dim = mtf.Dimension(meshlib.LENGTH, length)
+            self.ids = tf.placeholder(tf.int32, [batch, length], name="input_ids")
+            self.precontext = tf.placeholder(tf.int32, [batch], name="num_precontext")
+            feeds = [self.ids, self.precontext]
+            spout_tensor = None
+            if spout:
+                self.spout = tf.placeholder(tf.float32, [batch, config.num_spout], name="spout")
+                feeds.append(self.spout)
+                spout_tensor = mtf.import_tf_tensor(
+                    mesh, self.spout, [batch_dim, mtf.Dimension(meshlib.SPOUT, config.num_spout)])
+            past = None
+            if kind == "step":
+                self.position = tf.placeholder(tf.int32, [], name="cache_position")
+                feeds.append(self.position)
+                memory = mtf.Dimension(meshlib.MEMORY, config.num_contexts)
+                kv_shape = [batch_dim, mtf.Dimension(meshlib.HEADS, config.num_header), memory,
+                            mtf.Dimension(meshlib.HEAD_DIM, config.head_dim)]
+                dtype = predictor.variable_dtype.activation_dtype
+                past = KVCache(
+                    keys=[mtf.cast(mtf.import_tf_tensor(mesh, k, kv_shape), dtype)
+                          for k in cache.keys],
+                    values=[mtf.cast(mtf.import_tf_tensor(mesh, v, kv_shape), dtype)
+                            for v in cache.values],
+                    length=mtf.import_tf_tensor(mesh, self.position))
+            output = build_model(
+                config, mesh,
+                mtf.import_tf_tensor(mesh, self.ids, [batch_dim, length_dim]),
+                num_precontext=mtf.import_tf_tensor(mesh, self.precontext, [batch_dim]),
+                spout=spout_tensor, train=False, variable_dtype=predictor.variable_dtype,
+                past=past, local_experts=meshlib.model_parallel_size(predictor.mesh_shape) == 1)
+            lowering = mtf.Lowering(mtf_graph, {mesh: predictor._mesh_impl})
+            export = lowering.export_to_tf_tensor
+            fetches = {"logits": export(output.logits),
+                       # One fetch for all layers: [L, b, s, d], split in NumPy (views).
+                       "hidden_states": tf.stack([tf.cast(export(h), tf.float32)
+                                                  for h in output.hidden_states])}
+            if kind != "step":
+                fetches["expert_index"] = [export(s.expert_index) for s in output.router_stats]
+                fetches["expert_kept"] = [tf.cast(export(s.kept), tf.bool)
+                                          for s in output.router_stats]
+            updates = []
+            if kind == "prefill":
+                for layer, present in enumerate(output.presents):
+                    for var, tensor in zip((cache.keys[layer], cache.values[layer]), present):
+                        slots = tensor.shape.get_dim_by_name(meshlib.MEMORY).size
+                        updates.append(var[:, :, :slots].assign(
+                            _export_ordered(lowering, tensor, _CACHE_ORDER)))
+            elif kind == "step":
+                for layer, new_kv in enumerate(output.new_keys_values):
+                    for var, tensor in zip((cache.keys[layer], cache.values[layer]), new_kv):
+                        begin = self.position
+                        updates.append(var[:, :, begin:begin + 1].assign(
+                            _export_ordered(lowering, tensor, _CACHE_ORDER)))
+            self._names = list(fetches)
+            fetch_list = [fetches[name] for name in self._names]
+            if updates:
+                # A step's write may land while its own cache read runs: harmless, the
+                # attention only uses cache slots < position (its own key comes separately).
+                fetch_list.append(tf.group(updates))
+            predictor._restore(lowering)
+        self.fetch_list, self.feed_list = fetch_list, feeds
+        self._run = predictor._session.make_callable(fetch_list, feed_list=feeds)
+        self._has_spout = spout
+
+    def run(self, ids, precontext, spout, position=None):
+        args = [ids, precontext]
+        if self._has_spout:
+            args.append(spout)
+        if position is not None:
+            args.append(np.int32(position))
+        values = self._run(*args)
+        result = dict(zip(self._names, values[:len(self._names)]))
+        result["hidden_states"] = list(result["hidden_states"])
+        return result
+
+
+_CACHE_ORDER = (meshlib.BATCH, meshlib.HEADS, meshlib.MEMORY, meshlib.HEAD_DIM)
+
+
+def _export_ordered(lowering, tensor, order):
+    """float32 tf.Tensor of an mtf tensor with its dims in `order` (LENGTH counts as MEMORY)."""
+    names = [meshlib.MEMORY if n == meshlib.LENGTH else n for n in tensor.shape.dimension_names]
+    value = tf.cast(lowering.export_to_tf_tensor(tensor), tf.float32)
+    perm = [names.index(name) for name in order]
+    return value if perm == sorted(perm) else tf.transpose(value, perm)
+
+
+# ---------------------------------------------------------------------- model directory
+def _load_config(model_dir):
+    if not os.path.isdir(model_dir):
+        raise GPTSANError(f"model directory not found: {model_dir}")
+    if not os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE)):
+        raise GPTSANError(f"{model_dir} has no {PARAMETERS_FILE}: not a GPTSAN model directory")
+    return GPTSANConfig.from_json_file(model_dir)
+
+
+def _find_checkpoint(model_dir):
+    prefix = tf.train.latest_checkpoint(model_dir)
+    if prefix is None or not os.path.exists(prefix + ".index"):
+        raise GPTSANError(f"no TF checkpoint in {model_dir} (expected a 'checkpoint' file and "
+                          "model.ckpt-<step>.index)")
+    return prefix
+
+
+def _check_checkpoint(prefix, config):
+    """The checkpoint must hold every variable of `config` with the same shape."""
+    try:
+        stored = dict(tf.train.list_variables(prefix))
+    except tf.errors.OpError as err:
+        raise GPTSANError(f"cannot read checkpoint {prefix}: "
+                          f"{err.message.splitlines()[0]}") from None
+    for name, shape in variable_shapes(config).items():
+        if name not in stored:
+            raise GPTSANError(f"checkpoint {prefix} lacks {name} required by "
+                              f"{PARAMETERS_FILE}; parameters.json does not match the checkpoint")
+        if list(stored[name]) != list(shape):
+            raise GPTSANError(f"checkpoint variable {name} has shape {list(stored[name])} but "
+                              f"{PARAMETERS_FILE} implies {list(shape)}; parameters.json does "
+                              "not match the checkpoint")
+
+
+def _load_encoder(model_dir):
+    """The model directory's SWEEncoder, or None when it has no vocabulary copy."""
+    vocab, emoji = os.path.join(model_dir, VOCAB_FILE), os.path.join(model_dir, EMOJI_FILE)
+    if not (os.path.isfile(vocab) and os.path.isfile(emoji)):
+        return None
+    try:
+        from gptsan.tokenization import SWEEncoder
+    except ImportError:
+        return None
+    return SWEEncoder.from_files(vocab, emoji)

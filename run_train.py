@@ -1,0 +1,156 @@
+"""Trains (or fine-tunes) a GPTSAN model on TFRecords made by scripts/make_tfrecord.py.
+
+    python run_train.py --parameter_file configs/tiny.json --input_files 'data/*.tfrecord' \
+        --model_dir out/tiny [--mesh_shape batch:2,model:2] [--max_training_step 1000]
+
+Rerunning the same command resumes from the last checkpoint in --model_dir (global step,
+optimizer state and input position). Fine-tuning after scripts/add_layers.py:
+
+    python run_train.py --init_checkpoint NEW_DIR --ignore_parameters NEW_DIR/ignore-params.json \
+        --input_files ... --model_dir FINETUNED_DIR
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+from gptsan.errors import GPTSANError, run_cli
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # published flags
+    parser.add_argument("--parameter_file", default="",
+                        help="parameters.json / config (default: the one in --model_dir or "
+                             "--init_checkpoint)")
+    parser.add_argument("--input_files", required=True,
+                        help="TFRecord glob pattern(s), comma-separated")
+    parser.add_argument("--spout_vector", default="none",
+                        help="none | uniform | stateless_uniform | onehot | half_onehot "
+                             "(spout input built from each example's class id)")
+    parser.add_argument("--tpu_nodes", default="", help="TPU name/address (train on TPU)")
+    parser.add_argument("--use_bfloat16", action="store_true", help="bfloat16 activations")
+    parser.add_argument("--use_mixed_precision", action="store_true",
+                        help="float16 activations with loss scaling (GPU)")
+    parser.add_argument("--clip_gradients", action="store_true",
+                        help="clip gradients to global norm 1.0 (fine-tuning)")
+    parser.add_argument("--ignore_parameters", default="",
+                        help="JSON list of variable names to freeze (ignore-params.json)")
+    parser.add_argument("--max_training_step", type=int, default=-1,
+                        help="stop at this global step (<= 0: train_params.max_training_step, "
+                             "or forever)")
+    # new flags
+    parser.add_argument("--model_dir", default="",
+                        help="output model directory (default: train_params.output_dir)")
+    parser.add_argument("--mesh_shape", default="",
+                        help="e.g. batch:2,model:2 (default batch:1,model:num_pallarelizm)")
+    parser.add_argument("--vocabulary", default="",
+                        help="ja-swe vocabulary copied into the model dir (default: the model "
+                             "dir's, the init checkpoint's, or the project's ja-swe36k.txt)")
+    parser.add_argument("--emoji", default="", help="emoji table (default: next to --vocabulary)")
+    parser.add_argument("--init_checkpoint", default="",
+                        help="model directory or checkpoint to start a new run from")
+    parser.add_argument("--optimizer", choices=("adam", "adafactor"), default=None)
+    parser.add_argument("--batch_size", type=int, default=0, help="override train_params")
+    parser.add_argument("--seed", type=int, default=None, help="override train_params.seed")
+    parser.add_argument("--summary_steps", type=int, default=100,
+                        help="TensorBoard summaries every N steps")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def load_config(args):
+    """The run's GPTSANConfig: --parameter_file, else the model dir's, else --init_checkpoint's."""
+    from gptsan.config import PARAMETERS_FILE, GPTSANConfig
+
+    candidates = [args.parameter_file] if args.parameter_file else [
+        os.path.join(d, PARAMETERS_FILE) for d in (args.model_dir, args.init_checkpoint)
+        if d and os.path.isdir(d)]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None:
+        raise GPTSANError(args.parameter_file and f"parameter file not found: {args.parameter_file}"
+                          or "no --parameter_file given and no parameters.json in --model_dir "
+                             "or --init_checkpoint")
+    config = GPTSANConfig.from_json_file(path)
+    train = config.train
+    overrides = {"batch_size": args.batch_size or train.batch_size,
+                 "seed": train.seed if args.seed is None else args.seed,
+                 "optimizer": args.optimizer or train.optimizer}
+    model_dir = args.model_dir or train.output_dir
+    if not model_dir:
+        raise GPTSANError("no output directory: pass --model_dir (or set train_params.output_dir)")
+    overrides["output_dir"] = os.path.abspath(model_dir)
+    return dataclasses.replace(config, train=dataclasses.replace(train, **overrides))
+
+
+def find_vocabulary(args, model_dir):
+    from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
+
+    if args.vocabulary:
+        vocab = args.vocabulary
+    else:
+        places = [model_dir, args.init_checkpoint if os.path.isdir(args.init_checkpoint or "")
+                  else "", ROOT]
+        found = [os.path.join(p, VOCAB_FILE) for p in places
+                 if p and os.path.isfile(os.path.join(p, VOCAB_FILE))]
+        if not found:
+            raise GPTSANError("no vocabulary found: pass --vocabulary (ja-swe36k.txt)")
+        vocab = found[0]
+    emoji = args.emoji or os.path.join(os.path.dirname(os.path.abspath(vocab)), EMOJI_FILE)
+    if args.emoji and not os.path.isfile(emoji):
+        raise GPTSANError(f"emoji file not found: {emoji}")
+    return vocab, emoji if os.path.isfile(emoji) else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = load_config(args)
+    from gptsan import estimator, mesh as mesh_lib, optimization  # TF loads here
+
+    model, train = config.model, config.train
+    model_dir = train.output_dir
+    if args.use_bfloat16 and args.use_mixed_precision:
+        raise GPTSANError("--use_bfloat16 and --use_mixed_precision cannot be used together")
+    dtype = ("bfloat16" if args.use_bfloat16 else
+             "float16" if args.use_mixed_precision else "float32")
+    if args.spout_vector not in estimator.SPOUT_VECTORS:
+        raise GPTSANError(f"unknown --spout_vector {args.spout_vector!r}; use one of "
+                          f"{', '.join(estimator.SPOUT_VECTORS)}")
+    if args.spout_vector != "none" and not model.num_spout:
+        raise GPTSANError(f"--spout_vector {args.spout_vector} needs a model with num_spout > 0")
+    mesh_shape = args.mesh_shape or f"batch:1,model:{model.num_pallarelizm}"
+    mesh = mesh_lib.parse_mesh_shape(mesh_shape)
+    use_tpu = bool(args.tpu_nodes)
+    devices = None if use_tpu else estimator.select_devices(mesh, train.batch_size, model)
+
+    vocab, emoji = find_vocabulary(args, model_dir)
+    ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
+              if args.ignore_parameters else [])
+    files, init_checkpoint = estimator.check_training_inputs(
+        config, args.input_files, vocab, ignore, args.init_checkpoint)
+
+    estimator.write_model_dir(config, vocab, emoji)
+    from gptsan.records import input_fn_builder
+
+    setup = estimator.TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,
+                                 dtype=dtype, ignore_names=ignore,
+                                 clip_gradients=args.clip_gradients, seed=train.seed,
+                                 devices=devices, use_tpu=use_tpu, init_checkpoint=init_checkpoint)
+    input_fn = input_fn_builder(files, model.num_contexts, train.batch_size, True, train.seed)
+    max_steps = args.max_training_step if args.max_training_step > 0 else (
+        train.max_training_step or None)
+    tpu_cluster = None
+    if use_tpu:
+        from gptsan.compat import tf
+        tpu_cluster = tf.distribute.cluster_resolver.TPUClusterResolver(args.tpu_nodes)
+    losses = estimator.train(setup, input_fn, max_steps=max_steps, tpu_cluster=tpu_cluster,
+                             summary_steps=args.summary_steps, progress=not args.no_progress)
+    print(f"trained {model_dir} to step {estimator.latest_global_step(model_dir)}"
+          f"{estimator.describe_losses(losses)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

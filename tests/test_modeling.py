@@ -1,0 +1,283 @@
+"""The mtf model: variable names/shapes/counts of every config, the Switch layer vs NumPy."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from gptsan import mesh as meshlib
+from gptsan.compat import mtf, tf
+from gptsan.config import GPTSANConfig, ModelConfig, count_parameters
+from gptsan.modeling import KVCache, build_model, variable_shapes
+from gptsan.switch import expert_capacity, split_into_groups, switch_ffn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED_2_8B_PARAMETERS = 2_776_248_480  # the published model card's figure (backbone)
+
+
+def _build_shapes(config, batch=1, length=1, spout=False):
+    """Builds the mtf graph only (nothing lowered or allocated): {TF name: shape}, output."""
+    graph = tf.Graph()
+    with graph.as_default():
+        mesh = mtf.Mesh(mtf.Graph(), "mesh")
+        ids = mtf.zeros(mesh, [mtf.Dimension(meshlib.BATCH, batch),
+                               mtf.Dimension(meshlib.LENGTH, length)], dtype=tf.int32)
+        spout_tensor = None
+        if spout:
+            spout_tensor = mtf.zeros(mesh, [ids.shape.dims[0],
+                                            mtf.Dimension(meshlib.SPOUT, config.num_spout)])
+        output = build_model(config, mesh, ids, spout=spout_tensor)
+        variables = {v.name: v.shape.to_integer_list for v in mesh.graph.all_variables}
+        masters = {v.op.name: v.shape.as_list() for v in tf.global_variables()}
+    assert variables == masters  # mtf names are the TF checkpoint names
+    return variables, output
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))),
+                         ids=os.path.basename)
+def test_every_config_builds_with_the_published_shapes(path):
+    config = GPTSANConfig.from_json_file(path).model
+    variables, output = _build_shapes(config)
+    assert variables == variable_shapes(config)
+    assert sum(int(np.prod(s)) for s in variables.values()) == count_parameters(config)["total"]
+    assert len(output.hidden_states) == config.num_layers
+    assert len(output.router_stats) == config.num_switch_layers
+    assert output.logits.shape.to_integer_list == [1, 1, config.num_vocabulary]
+    if os.path.basename(path) == "gptsan-2.8b.json":
+        assert count_parameters(config)["backbone"] == PUBLISHED_2_8B_PARAMETERS
+
+
+def test_variable_table_agrees_with_the_converter():
+    checkpoint = pytest.importorskip("gptsan.checkpoint")
+    config = GPTSANConfig.from_json_file(os.path.join(ROOT, "configs", "tiny.json")).model
+    expected = {name: list(shape) for name, shape in
+                checkpoint.expected_variable_shapes(config).items()}
+    assert expected == variable_shapes(config)
+
+
+@pytest.mark.parametrize("tokens, experts, train, capacity", [
+    (16, 4, False, 8), (1, 4, False, 4), (2, 16, False, 4), (1024, 16, True, 80),
+    (1024, 16, False, 128), (600, 4, True, 187),
+])
+def test_expert_capacity_formula(tokens, experts, train, capacity):
+    assert expert_capacity(tokens, experts, train) == capacity
+
+
+@pytest.mark.parametrize("tokens, groups", [(24, (1, 24)), (1024, (1, 1024)),
+                                            (1200, (2, 600)), (2048 * 3, (6, 1024)),
+                                            (1031, (2, 516)), (2049, (3, 683))])
+def test_split_into_groups(tokens, groups):
+    assert split_into_groups(tokens) == groups
+
+
+# ---------------------------------------------------------------------- Switch vs NumPy
+def _numpy_switch(x, w_gate, w_soft, w_in, w_out, train):
+    """Published Switch FFN on [B, T, D] x (eval: no jitter), as plain NumPy."""
+    batch, length, d = x.shape
+    num_experts = w_gate.shape[1]
+    n = batch * length
+    groups, size = split_into_groups(n)
+    capacity = expert_capacity(size, num_experts, train)
+    valid = (np.arange(groups * size) < n).reshape(groups, size)  # padding slots at the end
+    tokens = np.concatenate([x.reshape(n, d), np.zeros((groups * size - n, d))]).reshape(
+        groups, size, d)
+    logits = tokens @ w_gate
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    index = probs.argmax(-1)  # [G, S]
+    gate = probs.max(-1)
+    mask = np.eye(num_experts)[index] * valid[..., None]  # [G, S, E]
+    position = ((np.cumsum(mask, axis=1) - mask) * mask).sum(-1)  # exclusive, [G, S]
+    kept = position < capacity
+    hidden = np.maximum(np.einsum("gsd,edf->gsef", tokens, w_in), 0)
+    expert_out = np.einsum("gsef,efd->gsed", hidden, w_out)  # every expert's output
+    chosen = np.take_along_axis(expert_out, index[..., None, None], axis=2)[:, :, 0]
+    y = (gate * kept)[..., None] * chosen + np.tanh(tokens @ w_soft)
+    count = valid.sum(1)[:, None]
+    density, proxy = mask.sum(1) / count, (probs * valid[..., None]).sum(1) / count
+    aux = (density * proxy).mean() * num_experts ** 2
+
+    def unpad(a):
+        return a.reshape(groups * size, *a.shape[2:])[:n].reshape(batch, length, *a.shape[2:])
+
+    return unpad(y), aux, unpad(index), unpad(kept)
+
+
+def _run_switch(batch, length, train, zero_router=False, seed=0, local_experts=False):
+    config = ModelConfig(num_contexts=length, num_switch_layers=1, num_hidden=8, num_header=2,
+                         num_experts=4, num_spout=0, num_vocabulary=10, num_moe_hidden=16)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.set_random_seed(seed)
+        mtf_graph = mtf.Graph()
+        mesh = mtf.Mesh(mtf_graph, "mesh")
+        x_np = np.random.default_rng(seed).normal(size=(batch, length, 8)).astype(np.float32)
+        dims = [mtf.Dimension(meshlib.BATCH, batch), mtf.Dimension(meshlib.LENGTH, length),
+                mtf.Dimension(meshlib.D_MODEL, 8)]
+        x = mtf.import_tf_tensor(mesh, tf.constant(x_np), dims)
+        with tf.variable_scope("moe0"):
+            y, aux, stats = switch_ffn(x, config, train, meshlib.dtype_policy("float32"),
+                                       local_experts=local_experts)
+        lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl("", devices=[""])})
+        fetches = [lowering.export_to_tf_tensor(t)
+                   for t in (y, aux, stats.expert_index, stats.kept)]
+        names = ["switch_gating", "softmlp", "wi", "wo"]
+        weights = [graph.get_tensor_by_name(f"moe0/{n}/kernel:0") for n in names]
+        with tf.Session(graph=graph) as session:
+            session.run(tf.global_variables_initializer())
+            if zero_router:
+                session.run(tf.assign(weights[0], tf.zeros_like(weights[0])))
+            values = session.run(weights)
+            outputs = session.run(fetches)
+    return x_np, values, outputs
+
+
+@pytest.mark.parametrize("local_experts", [False, True], ids=["einsum", "scatter"])
+@pytest.mark.parametrize("batch, length", [(2, 12), (3, 400), (1, 1031), (1, 2)])
+def test_switch_layer_matches_numpy(batch, length, local_experts):
+    """One group with drops; two groups; a padded last group; 2 tokens (token-choice path)."""
+    x, weights, (y, aux, index, kept) = _run_switch(batch, length, train=False,
+                                                    local_experts=local_experts)
+    y_ref, aux_ref, index_ref, kept_ref = _numpy_switch(x, *weights, train=False)
+    np.testing.assert_array_equal(index, index_ref)
+    np.testing.assert_array_equal(kept.astype(bool), kept_ref)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(aux, aux_ref, rtol=1e-5)
+
+
+def test_switch_overflow_and_training_capacity():
+    """Zero router: every token -> expert 0 with gate 1/4; jitter cannot change that.
+
+    Training capacity (1.25) keeps int(24 * 1.25 / 4) = 7 tokens; the rest get only the
+    softmlp term, computed from the un-jittered input (jitter touches the gate copy only).
+    """
+    x, weights, (y, aux, index, kept) = _run_switch(2, 12, train=True, zero_router=True)
+    assert (index == 0).all()
+    np.testing.assert_array_equal(kept.reshape(-1), np.arange(24) < 7)
+    y_ref, aux_ref, _, kept_ref = _numpy_switch(x, *weights, train=True)
+    np.testing.assert_array_equal(kept.astype(bool), kept_ref)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert aux == pytest.approx(1.0)  # density [1, 0, 0, 0] * proxy 1/4, mean * 16
+
+
+# ---------------------------------------------------------------------- whole model
+def test_gradients_reach_every_variable_and_the_gather_rows():
+    """mtf.gradients through the model (training uses it): wpe rows beyond T get none."""
+    config = ModelConfig(num_contexts=16, num_switch_layers=1, num_ext_layers=1, num_hidden=16,
+                         num_header=2, num_experts=2, num_spout=4, num_vocabulary=20)
+    graph = tf.Graph()
+    with graph.as_default():
+        mtf_graph = mtf.Graph()
+        mesh = mtf.Mesh(mtf_graph, "mesh")
+        batch, length = mtf.Dimension(meshlib.BATCH, 2), mtf.Dimension(meshlib.LENGTH, 5)
+        ids = mtf.import_tf_tensor(mesh, tf.constant([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]),
+                                   [batch, length])
+        spout = mtf.import_tf_tensor(mesh, tf.ones([2, 4]),
+                                     [batch, mtf.Dimension(meshlib.SPOUT, 4)])
+        output = build_model(config, mesh, ids, spout=spout, train=True)
+        loss = mtf.reduce_mean(mtf.square(output.logits)) + output.aux_loss
+        variables = mtf_graph.trainable_variables
+        grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
+        assert all(g is not None for g in grads)
+        lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl("", devices=[""])})
+        wpe = [g for v, g in zip(variables, grads) if v.name == "model/wpe"][0]
+        grad_values = [lowering.export_to_tf_tensor(g) for g in grads]
+        wpe_grad = lowering.export_to_tf_tensor(wpe)
+        with tf.Session(graph=graph) as session:
+            session.run(tf.global_variables_initializer())
+            values, wpe_value = session.run([grad_values, wpe_grad])
+    assert all(np.isfinite(v).all() for v in values)
+    # Positions 1..5 (the spout takes slot 0) are used; wpe[0] and rows > 5 get no gradient.
+    used = np.abs(wpe_value).sum(-1) > 0
+    np.testing.assert_array_equal(used, (np.arange(16) >= 1) & (np.arange(16) <= 5))
+
+
+def test_bfloat16_activations_run_close_to_float32():
+    config = ModelConfig(num_contexts=16, num_switch_layers=1, num_ext_layers=1, num_hidden=16,
+                         num_header=2, num_experts=2, num_spout=0, num_vocabulary=20)
+    results = {}
+    for name in ("float32", "bfloat16"):
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.set_random_seed(3)
+            mtf_graph = mtf.Graph()
+            mesh = mtf.Mesh(mtf_graph, "mesh")
+            ids = mtf.import_tf_tensor(mesh, tf.constant([[1, 2, 3, 4]]),
+                                       [mtf.Dimension(meshlib.BATCH, 1),
+                                        mtf.Dimension(meshlib.LENGTH, 4)])
+            output = build_model(config, mesh, ids, variable_dtype=meshlib.dtype_policy(name))
+            lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl("", devices=[""])})
+            logits = lowering.export_to_tf_tensor(output.logits)
+            assert logits.dtype == tf.float32
+            with tf.Session(graph=graph) as session:
+                session.run(tf.global_variables_initializer())
+                results[name] = session.run(logits)
+    scale = np.abs(results["float32"]).max()
+    assert np.abs(results["bfloat16"] - results["float32"]).max() < 0.05 * scale
+
+
+def test_multi_token_chunks_on_a_fixed_cache():
+    """KVCache with T > 1: a 3-token chunk after 5 cached tokens equals the full pass; unfilled
+    cache slots (garbage here) are ignored; prefix keys among the new tokens are visible."""
+    config = ModelConfig(num_contexts=8, num_switch_layers=1, num_ext_layers=1, num_hidden=16,
+                         num_header=2, num_experts=1, num_spout=0, num_vocabulary=20)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (2, 8)).astype(np.int32)
+    graph = tf.Graph()
+    with graph.as_default():
+        mtf_graph = mtf.Graph()
+        mesh = mtf.Mesh(mtf_graph, "mesh")
+        batch = mtf.Dimension(meshlib.BATCH, 2)
+
+        def run_ids(values):
+            return mtf.import_tf_tensor(mesh, tf.constant(values),
+                                        [batch, mtf.Dimension(meshlib.LENGTH, values.shape[1])])
+
+        def precontext(values):
+            return mtf.import_tf_tensor(mesh, tf.constant(values, tf.int32), [batch])
+
+        full = build_model(config, mesh, run_ids(ids), precontext([4, 0]))
+        short = build_model(config, mesh, run_ids(ids[:, 5:]), precontext([2, 0]))
+        cache_dims = [batch, mtf.Dimension(meshlib.HEADS, 2), mtf.Dimension(meshlib.MEMORY, 8),
+                      mtf.Dimension(meshlib.HEAD_DIM, 8)]
+        feeds, caches = [], []
+        for _ in range(2 * config.num_layers):
+            feeds.append(tf.placeholder(tf.float32, [2, 2, 8, 8]))
+            caches.append(mtf.import_tf_tensor(mesh, feeds[-1], cache_dims))
+        length = tf.placeholder(tf.int32, [])
+
+        def cached(precontext_values):
+            past = KVCache(caches[0::2], caches[1::2], mtf.import_tf_tensor(mesh, length))
+            return build_model(config, mesh, run_ids(ids[:, 5:]), precontext(precontext_values),
+                               past=past)
+
+        chunk, chunk_prefix = cached([4, 0]), cached([2, 0])
+        lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl("", devices=[""])})
+        export = lowering.export_to_tf_tensor
+        presents = [tf.transpose(export(t), [0, 2, 1, 3]) for kv in full.presents for t in kv]
+        with tf.Session(graph=graph) as session:
+            session.run(tf.global_variables_initializer())
+            full_logits, short_logits, present_values = session.run(
+                [export(full.logits), export(short.logits), presents])
+            garbage = [np.where(np.arange(8)[None, None, :, None] < 5, p,
+                                rng.normal(size=p.shape) * 100) for p in present_values]
+            chunk_logits = session.run(export(chunk.logits),
+                                       {**dict(zip(feeds, garbage)), length: 5})
+            prefix_logits = session.run(export(chunk_prefix.logits),
+                                        {**dict(zip(feeds, garbage)), length: 0})
+    np.testing.assert_allclose(chunk_logits, full_logits[:, 5:], atol=1e-5)
+    # Empty cache (length 0): the 3 tokens alone, keys < num_precontext=2 visible to all.
+    np.testing.assert_allclose(prefix_logits, short_logits, atol=1e-5)
+    assert np.abs(prefix_logits[0, 0] - chunk_logits[0, 0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("local_experts", [False, True], ids=["einsum", "scatter"])
+def test_switch_eval_overflow(local_experts):
+    """Zero router, eval: capacity int(24 * 2 / 4) = 12; tokens 12..23 get only softmlp."""
+    x, weights, (y, aux, index, kept) = _run_switch(2, 12, train=False, zero_router=True,
+                                                    local_experts=local_experts)
+    np.testing.assert_array_equal(kept.reshape(-1), np.arange(24) < 12)
+    y_ref, _, _, _ = _numpy_switch(x, *weights, train=False)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    soft_only = np.tanh(x @ weights[1])
+    np.testing.assert_allclose(y.reshape(24, -1)[12:], soft_only.reshape(24, -1)[12:], atol=1e-6)

@@ -1,0 +1,329 @@
+"""run_train.py end to end on the tiny model: loss falls, MLM learns, preemption resumes bitwise,
+fine-tuning freezes, NaN stops cleanly, bad input is one line with nothing written.
+
+TFRecords are made by scripts/make_tfrecord.py from the Japanese sample corpus (data/sample).
+Training runs happen in this process (TF is already loaded) except the one that is SIGKILLed.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gptsan.compat import tf
+from gptsan.errors import GPTSANError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data", "sample")
+VOCAB = os.path.join(ROOT, "ja-swe36k.txt")
+NUM_CONTEXT = 64  # short contexts keep the CPU steps fast
+STEPS = 120  # training steps of the loss tests
+CHECKPOINT_STEPS = 10
+PREEMPT_STEPS = 30  # the preempted run stops here; the lm run kept its checkpoint of this step
+MESH = "batch:2,model:2"  # the acceptance mesh: 4 logical CPU devices (tests/conftest.py)
+MIN_LOSS_DROP = 0.30  # acceptance: the loss falls by at least 30 %
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.isdir(SAMPLE) and os.path.isfile(VOCAB)),
+    reason="needs data/sample/*.txt and the project vocabulary ja-swe36k.txt")
+
+
+def run_train(*args):
+    """run_train.main in this process; returns the (step, loss) list of the steps run."""
+    import run_train as cli
+    from gptsan import estimator
+
+    captured = {}
+    original = estimator.train
+
+    def spy(*a, **k):
+        captured["losses"] = original(*a, **k)
+        return captured["losses"]
+
+    estimator.train = spy
+    try:
+        assert cli.main(list(args) + ["--no_progress"]) == 0
+    finally:
+        estimator.train = original
+    return captured.get("losses", [])
+
+
+def read_variables(path):
+    reader = tf.train.load_checkpoint(path)
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()}
+
+
+def latest_step(model_dir):
+    path = tf.train.latest_checkpoint(model_dir)
+    return int(path.rsplit("-", 1)[1]) if path else None
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Shared: the parameter file, lm/hybrid TFRecords and the two trained model dirs."""
+    base = tmp_path_factory.mktemp("training")
+    with open(os.path.join(ROOT, "configs", "tiny.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    # tiny model (2 Switch layers, d 64, 4 experts) without extra layers, so fine-tuning can
+    # add one; short contexts; a learning rate that moves in 120 steps; keep every checkpoint
+    config["model_params"].update(num_contexts=NUM_CONTEXT, num_ext_layers=0)
+    config["train_params"].update(base_lr=5e-3, num_warmup_steps=5, batch_size=8,
+                                  checkpoint_per_steps=CHECKPOINT_STEPS,
+                                  max_to_keep_save=STEPS // CHECKPOINT_STEPS + 1)
+    params = str(base / "tiny.json")
+    with open(params, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    records = {}
+    for mode in ("lm", "hybrid"):
+        prefix = str(base / mode)
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tfrecord.py"),
+                        "--input_files", os.path.join(SAMPLE, "classes.csv"), "--mode", mode,
+                        "--num_context", str(NUM_CONTEXT), "--output_prefix", prefix,
+                        "--seed", "0", "--num_process", "1"],
+                       check=True, capture_output=True)
+        records[mode] = prefix + "_*.tfrecord"
+    return {"base": base, "params": params, "records": records, "trained": {}}
+
+
+def common_args(work, mode, model_dir, steps=STEPS):
+    return ["--parameter_file", work["params"], "--input_files", work["records"][mode],
+            "--model_dir", model_dir, "--mesh_shape", MESH, "--max_training_step", str(steps),
+            "--seed", "1", "--spout_vector", "onehot", "--summary_steps", "10"]
+
+
+def trained(work, mode):
+    """Trains `mode` once per module (STEPS steps on the 2x2 mesh); returns (dir, losses)."""
+    if mode not in work["trained"]:
+        model_dir = str(work["base"] / f"model_{mode}")
+        losses = run_train(*common_args(work, mode, model_dir))
+        work["trained"][mode] = (model_dir, losses)
+    return work["trained"][mode]
+
+
+def loss_drop(losses):
+    """(initial loss = step 1, before any update; final = mean of the last 10 steps)."""
+    return losses[0][1], sum(v for _, v in losses[-10:]) / 10
+
+
+@pytest.mark.parametrize("mode", ["lm", "hybrid"])
+def test_loss_falls_on_2x2_mesh(work, mode):
+    model_dir, losses = trained(work, mode)
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    first, last = loss_drop(losses)
+    print(f"{mode}: loss {first:.3f} -> {last:.3f}")
+    assert last <= (1 - MIN_LOSS_DROP) * first, (first, last)
+    assert latest_step(model_dir) == STEPS  # --max_training_step really stops there
+    for name in ("parameters.json", "ja-swe36k.txt", "emoji.json"):
+        assert os.path.isfile(os.path.join(model_dir, name))
+    # TensorBoard: losses, learning rate and per-layer router statistics
+    tags = set()
+    for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+        for event in tf.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"loss/total", "loss/cross_entropy", "loss/load_balancing", "train/learning_rate",
+            "router/layer0/entropy", "router/layer1/expert3_fraction"} <= tags
+
+
+def test_mlm_targets_predicted_better_than_chance(work):
+    from gptsan.inference import Predictor
+    from gptsan.records import read_examples
+
+    model_dir, _ = trained(work, "hybrid")
+    examples = [e for _, e in read_examples(glob.glob(work["records"]["hybrid"])[0], count=200)
+                if e["num_input"][0] > 0][:16]
+    assert examples, "the hybrid records hold no prefix (MLM) examples"
+    x = np.stack([e["x"] for e in examples]).astype(np.int32)
+    y = np.stack([e["y"] for e in examples])
+    prefix = np.array([e["num_input"][0] for e in examples], np.int32)
+    with Predictor(model_dir, mesh_shape="batch:1,model:1") as predictor:
+        logits = predictor.forward(x, num_precontext=prefix)["logits"]  # [b, s, V]
+    positions = (np.arange(NUM_CONTEXT)[None, :] < prefix[:, None]) & (y >= 0)
+    assert positions.sum() >= 10
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    target_logp = np.take_along_axis(logp, np.maximum(y, 0)[..., None], -1)[..., 0][positions]
+    vocab = logits.shape[-1]
+    top10 = np.argsort(-logits, -1)[..., :10]
+    hit10 = (top10 == y[..., None]).any(-1)[positions].mean()
+    print(f"MLM targets: mean log p {target_logp.mean():.3f} (chance {-np.log(vocab):.3f}), "
+          f"top-10 accuracy {hit10:.3f} (chance {10 / vocab:.5f})")
+    assert target_logp.mean() > -np.log(vocab) + 2.0  # > 7x the uniform probability
+    assert hit10 > 50 * 10 / vocab
+
+
+def test_sigkill_then_rerun_resumes_to_identical_weights(work, tmp_path):
+    reference_dir, _ = trained(work, "lm")  # uninterrupted, same seed; kept every checkpoint
+    model_dir = str(tmp_path / "preempted")
+    args = common_args(work, "lm", model_dir, steps=PREEMPT_STEPS)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_train.py"), *args,
+                                "--no_progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    try:
+        while latest_step(model_dir) in (None, 0) and process.poll() is None:
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    killed_at = latest_step(model_dir)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    assert killed_at is not None and killed_at < PREEMPT_STEPS, killed_at
+    losses = run_train(*args)  # the same command again
+    assert losses[0][0] == killed_at + 1 and losses[-1][0] == PREEMPT_STEPS  # resumed
+    resumed = read_variables(model_dir)
+    reference = read_variables(os.path.join(reference_dir, f"model.ckpt-{PREEMPT_STEPS}"))
+    assert set(resumed) == set(reference)
+    assert resumed["global_step"] == PREEMPT_STEPS
+    for name in reference:  # weights AND optimizer slots
+        np.testing.assert_allclose(resumed[name], reference[name], rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
+    from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir
+
+    source_dir, _ = trained(work, "lm")
+    extended = str(tmp_path / "extended")
+    add_layers_to_model_dir(source_dir, extended, 1, seed=0)
+    ignore = os.path.join(extended, IGNORE_PARAMS_FILE)
+    tuned = str(tmp_path / "tuned")
+    run_train("--init_checkpoint", extended, "--ignore_parameters", ignore,
+              "--input_files", work["records"]["lm"], "--model_dir", tuned, "--mesh_shape", MESH,
+              "--max_training_step", "3", "--clip_gradients", "--spout_vector", "onehot")
+    before, after = read_variables(extended), read_variables(tuned)
+    with open(ignore, encoding="utf-8") as f:
+        frozen = json.load(f)
+    assert "model/wte" in frozen and "model/mlp2/p1/kernel" not in frozen
+    for name in frozen:
+        assert np.array_equal(before[name], after[name]), f"{name} moved"
+        assert f"{name}/adam_m" not in after, f"{name} has optimizer slots"
+    for name in ("model/mlp2/p1/kernel", "model/att2/qkv/kernel", "model/ln2/g",
+                 "pasts/out/kernel"):
+        assert not np.array_equal(before[name], after[name]), f"{name} did not train"
+        assert f"{name}/adam_m" in after
+    assert after["global_step"] == 3
+    # resuming that run without its freeze list would need optimizer state it never had
+    import run_train as cli
+    with pytest.raises(GPTSANError, match="no optimizer state for model/"):
+        cli.main(["--input_files", work["records"]["lm"], "--model_dir", tuned,
+                  "--mesh_shape", MESH, "--max_training_step", "4"])
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(work, tmp_path):
+    with open(work["params"], encoding="utf-8") as f:
+        config = json.load(f)
+    config["train_params"].update(base_lr=1e9, num_warmup_steps=0, checkpoint_per_steps=1)
+    params = str(tmp_path / "explode.json")
+    with open(params, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    model_dir = str(tmp_path / "nan")
+    args = common_args(work, "lm", model_dir, steps=30)
+    args[args.index("--parameter_file") + 1] = params
+    with pytest.raises(GPTSANError, match=r"loss became (nan|inf|-inf) at step \d+") as info:
+        run_train(*args)
+    message = str(info.value)
+    assert "\n" not in message and "checkpoint" in message
+    failed_at = int(message.split("at step ")[1].split(";")[0])
+    last = latest_step(model_dir)
+    assert last is not None and last < failed_at
+    for name, value in read_variables(model_dir).items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.all(np.isfinite(value)), f"non-finite {name} in the kept checkpoint"
+
+
+def bad_input_cases(work, tmp_path):
+    small_vocab = tmp_path / "small_vocab.txt"
+    small_vocab.write_text("\n".join(["a", "b", "c"]), encoding="utf-8")
+    unknown = tmp_path / "ignore.json"
+    unknown.write_text(json.dumps(["model/wte", "model/att9/qkv/kernel"]), encoding="utf-8")
+    short = str(tmp_path / "short")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tfrecord.py"),
+                    "--input_files", os.path.join(SAMPLE, "news_01.txt"), "--mode", "lm",
+                    "--num_context", "32", "--output_prefix", short, "--num_process", "1"],
+                   check=True, capture_output=True)
+    return [
+        ([], {"--input_files": str(tmp_path / "nothing*.tfrecord")}, "no input files matched"),
+        ([], {"--input_files": short + "_*.tfrecord"}, "num_context"),
+        (["--vocabulary", str(small_vocab)], {}, "3 entries"),
+        (["--ignore_parameters", str(unknown)], {}, "model/att9/qkv/kernel"),
+        ([], {"--mesh_shape": "batch:3,model:1"}, "not divisible by the mesh batch size"),
+        ([], {"--mesh_shape": "batch:1,model:3"}, "model-parallel size 3"),
+        ([], {"--mesh_shape": "batch:8,model:1"}, "needs 8 devices"),
+        ([], {"--mesh_shape": "rows:2"}, "mesh"),
+        ([], {"--spout_vector": "gaussian"}, "spout_vector"),
+    ]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path):
+    import run_train as cli
+
+    for extra, replace, expected in bad_input_cases(work, tmp_path):
+        model_dir = str(tmp_path / "never")
+        args = common_args(work, "lm", model_dir) + extra
+        for flag, value in replace.items():
+            args[args.index(flag) + 1] = value
+        with pytest.raises(GPTSANError) as info:
+            cli.main(args)
+        assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+        assert not os.path.exists(model_dir), f"{expected}: wrote {model_dir}"
+
+
+def test_checkpoint_mismatches_are_refused(work, tmp_path):
+    import run_train as cli
+
+    source_dir, _ = trained(work, "lm")
+    # the vocabulary of the config/vocabulary file differs from the checkpoint's
+    with open(work["params"], encoding="utf-8") as f:
+        config = json.load(f)
+    config["model_params"]["num_vocabulary"] += 1
+    params = tmp_path / "bigger.json"
+    params.write_text(json.dumps(config), encoding="utf-8")
+    vocab = tmp_path / "vocab.txt"
+    with open(VOCAB, encoding="utf-8") as f:
+        vocab.write_text(f.read() + "\n<|extra|>", encoding="utf-8")
+    model_dir = str(tmp_path / "never")
+    args = common_args(work, "lm", model_dir)
+    args[args.index("--parameter_file") + 1] = str(params)
+    with pytest.raises(GPTSANError, match="vocabulary size differs"):
+        cli.main(args + ["--vocabulary", str(vocab), "--init_checkpoint", source_dir])
+    assert not os.path.exists(model_dir)
+    # resuming into a directory that holds another model / a model without training state
+    with pytest.raises(GPTSANError, match="vocabulary size differs|different model"):
+        cli.main(common_args(work, "lm", source_dir)[:1] + [str(params)] +
+                 common_args(work, "lm", source_dir)[2:] + ["--vocabulary", str(vocab)])
+    from gptsan.checkpoint import add_layers_to_model_dir
+    extended = str(tmp_path / "extended")
+    add_layers_to_model_dir(source_dir, extended, 1)
+    with pytest.raises(GPTSANError, match="without adam training state"):
+        cli.main(["--input_files", work["records"]["lm"], "--model_dir", extended,
+                  "--mesh_shape", MESH])
+
+
+def test_spout_vectors_follow_the_published_meanings():
+    from gptsan.estimator import spout_vectors
+
+    ids = tf.constant([[0], [3], [7], [3]], tf.int64)
+    step = tf.placeholder(tf.int64, [])
+    kinds = ("uniform", "stateless_uniform", "onehot", "half_onehot")
+    tensors = {k: spout_vectors(k, ids, 6, step, seed=0) for k in kinds}
+    assert spout_vectors("none", ids, 6, step) is None
+    with pytest.raises(GPTSANError, match="spout_vector"):
+        spout_vectors("gaussian", ids, 6, step)
+    with tf.Session() as sess:
+        at0, at1 = sess.run(tensors, {step: 0}), sess.run(tensors, {step: 1})
+    np.testing.assert_array_equal(at0["onehot"], np.eye(6)[[0, 3, 1, 3]])  # id mod 6
+    np.testing.assert_array_equal(at0["half_onehot"][:, :3], np.eye(3)[[0, 0, 1, 0]])
+    for kind in kinds:
+        assert at0[kind].shape == (4, 6) and np.all((at0[kind] >= 0) & (at0[kind] <= 1))
+    # stateless_uniform: a fixed vector per class id; uniform: fresh noise every step
+    np.testing.assert_array_equal(at0["stateless_uniform"], at1["stateless_uniform"])
+    np.testing.assert_array_equal(at0["stateless_uniform"][1], at0["stateless_uniform"][3])
+    assert not np.array_equal(at0["stateless_uniform"][0], at0["stateless_uniform"][1])
+    assert not np.array_equal(at0["uniform"], at1["uniform"])
+    assert not np.array_equal(at0["half_onehot"][:, 3:], at1["half_onehot"][:, 3:])
