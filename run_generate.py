@@ -11,7 +11,7 @@ bidirectionally). Everything (config, vocabulary, emoji) comes from `--model DIR
 """
 import sys
 
-from gptsan.errors import GPTSANError, run_cli
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 from gptsan import generation as gen
 
 START, NEXT, END = "====[start generate]====", "====[next generate]====", "====[end generate]===="
@@ -19,7 +19,7 @@ REPLACEMENT_CHAR = "\ufffd"  # an incomplete UTF-8 byte run decodes to this: hol
 
 
 def parse_args(argv):
-    p = gen.OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="checkpoints", help="model directory")
     p.add_argument("--context", default="", help="text to continue (the LM part)")
     p.add_argument("--prefix", default="", help="bidirectional prefix text (hybrid prompt)")

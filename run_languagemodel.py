@@ -13,12 +13,12 @@ output_logprobs, vector_shape, pos_vector); `--vectors_all` saves every position
 a float32 array [positions, layers, d].
 """
 
-from gptsan.errors import GPTSANError, run_cli
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 from gptsan import generation as gen
 
 
 def parse_args(argv):
-    p = gen.OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="gptsan-backbone-2.8B", help="model directory")
     p.add_argument("--context", default="", help="input text with mask marks")
     p.add_argument("--mask", default="[MASK]", help="the mask marker in --context")

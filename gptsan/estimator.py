@@ -21,10 +21,10 @@ from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE, expected_variable_shapes, 
 from gptsan.compat import mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
+from gptsan.spout import SPOUT_VECTORS, spout_vectors  # noqa: F401 (re-exported for run_train)
 
 Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
 AUX_LOSS_WEIGHT = 1e-2  # FORWARD.md §3.6: loss += 1e-2 * sum over Switch layers of load balance
-SPOUT_VECTORS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot")
 TPU_ITERATIONS_PER_LOOP = 100  # published TPUConfig(iterations_per_loop=100)
 LOSS_COLLECTION = "gptsan_train_loss"  # hooks find the loss tensor here
 TOKENS_COLLECTION = "gptsan_tokens_per_step"
@@ -32,49 +32,6 @@ TOKENS_COLLECTION = "gptsan_tokens_per_step"
 
 class TrainingDiverged(GPTSANError):
     """The loss became NaN/Inf; training stopped without saving the broken weights."""
-
-
-# ---------------------------------------------------------------------------------------------
-# spout vectors (run_train.py --spout_vector)
-
-
-def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
-    """The spout input for each example of a batch, from its class id (`i` feature).
-
-    kind (published run_train.py meanings):
-      none               no spout (None)
-      uniform            fresh U[0,1) noise every step, ignoring the id
-      stateless_uniform  a fixed U[0,1) vector per id: stateless_uniform(seed=(id, id))
-      onehot             one_hot(id mod num_spout)
-      half_onehot        one_hot(id mod num_spout/2) ++ fresh U[0,1) noise for the rest
-    The noise of `uniform`/`half_onehot` is drawn statelessly from (seed, global_step), so a
-    resumed run sees the same vectors as an uninterrupted one.
-    ids: int Tensor [batch, 1] or [batch]. Returns float32 [batch, num_spout] or None.
-    """
-    if kind not in SPOUT_VECTORS:
-        raise GPTSANError(f"unknown --spout_vector {kind!r}; use one of {', '.join(SPOUT_VECTORS)}")
-    if kind == "none":
-        return None
-    if num_spout <= 0:
-        raise GPTSANError(f"--spout_vector {kind} needs a model with num_spout > 0")
-    ids = tf.reshape(tf.cast(ids, tf.int32), [-1])  # [batch]
-    batch = ids.shape[0]
-
-    def noise(width):
-        step = tf.constant(0, tf.int64) if global_step is None else tf.cast(global_step, tf.int64)
-        stateless_seed = tf.stack([tf.constant(seed, tf.int64), step])
-        return tf.random.stateless_uniform([batch, width], seed=stateless_seed)
-
-    if kind == "uniform":
-        return noise(num_spout)
-    if kind == "stateless_uniform":
-        return tf.map_fn(lambda i: tf.random.stateless_uniform([num_spout], seed=tf.stack([i, i])),
-                         ids, fn_output_signature=tf.float32)
-    if kind == "onehot":
-        return tf.one_hot(tf.math.floormod(ids, num_spout), num_spout)
-    half = num_spout // 2
-    return tf.concat([tf.one_hot(tf.math.floormod(ids, max(half, 1)), half),
-                      noise(num_spout - half)], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ Scores are log-probabilities `log_softmax(logits)` after the deterministic maski
 the repetition penalty (temperature, top-k and top-p shape the sampling only); a sequence's
 score is their sum, the quantity beam search maximises.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -217,23 +216,12 @@ def build_prompt(special, context_ids, prefix_ids=(), spout=None, max_length=Non
 
 # --------------------------------------------------------------------------- spouts
 def class_spout_vector(class_id, num_spout, mode="onehot", seed=0):
-    """The spout training feeds for class/document id `class_id` -> float32 [num_spout].
-
-    Evaluates the training code's own `gptsan.estimator.spout_vectors` (one graph, one tiny
-    session), so generation cannot drift from training: onehot = one_hot(id mod num_spout),
-    half_onehot = one_hot(id mod num_spout//2) ++ U[0,1) noise, stateless_uniform = the
-    fixed per-id U[0,1) vector.
-    """
+    """The spout training feeds for class id `class_id` -> float32 [num_spout] (gptsan.spout)."""
     _require(mode in SPOUT_MODES,
              f"unknown spout mode {mode!r}; use one of {', '.join(SPOUT_MODES)}")
-    from gptsan.compat import tf
-    from gptsan.estimator import spout_vectors
+    from gptsan.spout import class_spout_vector as training_spout_vector
 
-    with tf.Graph().as_default():
-        ids = tf.constant([[int(class_id)]], tf.int64)  # [batch=1, 1] like the `i` feature
-        vector = spout_vectors(mode, ids, num_spout, seed=seed)  # [1, num_spout]
-        with tf.Session() as session:
-            return np.asarray(session.run(vector)[0], np.float32)
+    return training_spout_vector(class_id, num_spout, mode, seed)
 
 
 def parse_spout(spec, num_spout, seed=None, mode="onehot"):
@@ -670,13 +658,6 @@ def open_predictor(model_dir, batch_size=1, mesh_shape=None):
     from gptsan.inference import Predictor
 
     return Predictor(model_dir, mesh_shape=mesh_shape, batch_size=batch_size)
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a GPTSANError (one line, exit 2 via run_cli)."""
-
-    def error(self, message):
-        raise GPTSANError(message)
 
 
 def check_output_path(path, force):

@@ -9,7 +9,7 @@ x = x + LN_ln(swish(x . p1 + b1) . p2 + b2) for extra layers. Variable names and
 shapes are the published checkpoint's (see DESIGN.md "Model").
 """
 import dataclasses
-from typing import List, Optional
+from typing import List
 
 from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf

@@ -143,7 +143,7 @@ def test_parse_spout(tmp_path):
 
 
 def test_class_spout_matches_training():
-    """Class id -> spout goes through the training code (gptsan.estimator.spout_vectors)."""
+    """Class id -> spout goes through the training code (gptsan.spout.spout_vectors)."""
     np.testing.assert_array_equal(gen.class_spout_vector(3, 8), np.eye(8)[3])
     np.testing.assert_array_equal(gen.class_spout_vector(11, 8), np.eye(8)[3])  # id mod 8
     half = gen.class_spout_vector(5, 8, "half_onehot")

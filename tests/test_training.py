@@ -306,7 +306,7 @@ def test_checkpoint_mismatches_are_refused(work, tmp_path):
 
 
 def test_spout_vectors_follow_the_published_meanings():
-    from gptsan.estimator import spout_vectors
+    from gptsan.spout import spout_vectors
 
     ids = tf.constant([[0], [3], [7], [3]], tf.int64)
     step = tf.placeholder(tf.int64, [])

@@ -1,0 +1,59 @@
+"""The spout input: a vector per example, built from its class id (`i` feature) for training,
+and the same vectors for generation (`run_generate.py --spout <class id>`)."""
+import numpy as np
+
+from gptsan.compat import tf
+from gptsan.errors import GPTSANError
+
+SPOUT_VECTORS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot")
+
+
+def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
+    """The spout input for each example of a batch, from its class id (`i` feature).
+
+    kind (published run_train.py meanings):
+      none               no spout (None)
+      uniform            fresh U[0,1) noise every step, ignoring the id
+      stateless_uniform  a fixed U[0,1) vector per id: stateless_uniform(seed=(id, id))
+      onehot             one_hot(id mod num_spout)
+      half_onehot        one_hot(id mod num_spout/2) ++ fresh U[0,1) noise for the rest
+    The noise of `uniform`/`half_onehot` is drawn statelessly from (seed, global_step), so a
+    resumed run sees the same vectors as an uninterrupted one.
+    ids: int Tensor [batch, 1] or [batch]. Returns float32 [batch, num_spout] or None.
+    """
+    if kind not in SPOUT_VECTORS:
+        raise GPTSANError(f"unknown --spout_vector {kind!r}; use one of {', '.join(SPOUT_VECTORS)}")
+    if kind == "none":
+        return None
+    if num_spout <= 0:
+        raise GPTSANError(f"--spout_vector {kind} needs a model with num_spout > 0")
+    ids = tf.reshape(tf.cast(ids, tf.int32), [-1])  # [batch]
+    batch = ids.shape[0]
+
+    def noise(width):
+        step = tf.constant(0, tf.int64) if global_step is None else tf.cast(global_step, tf.int64)
+        stateless_seed = tf.stack([tf.constant(seed, tf.int64), step])
+        return tf.random.stateless_uniform([batch, width], seed=stateless_seed)
+
+    if kind == "uniform":
+        return noise(num_spout)
+    if kind == "stateless_uniform":
+        return tf.map_fn(lambda i: tf.random.stateless_uniform([num_spout], seed=tf.stack([i, i])),
+                         ids, fn_output_signature=tf.float32)
+    if kind == "onehot":
+        return tf.one_hot(tf.math.floormod(ids, num_spout), num_spout)
+    half = num_spout // 2
+    return tf.concat([tf.one_hot(tf.math.floormod(ids, max(half, 1)), half),
+                      noise(num_spout - half)], axis=1)
+
+
+def class_spout_vector(class_id, num_spout, kind="onehot", seed=0):
+    """The spout training feeds for class id `class_id` -> float32 [num_spout] (numpy).
+
+    Evaluates `spout_vectors` itself (one tiny graph), so generation cannot drift from training.
+    """
+    with tf.Graph().as_default():
+        ids = tf.constant([[int(class_id)]], tf.int64)  # [batch=1, 1] like the `i` feature
+        vector = spout_vectors(kind, ids, num_spout, seed=seed)  # [1, num_spout]
+        with tf.Session() as session:
+            return np.asarray(session.run(vector)[0], np.float32)
