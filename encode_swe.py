@@ -12,7 +12,6 @@ not depend on the number of processes); a file that cannot be read or is not UTF
 on stderr and skipped; `--clean_text` applies to every array (the published script forgot it
 for the last array of each process); arrays are int32; the output is written atomically.
 """
-import argparse
 import glob
 import os
 import sys
@@ -21,7 +20,7 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from gptsan.errors import GPTSANError, run_cli
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 from gptsan.tokenization import (CONTROL_TOKENS, SWEEncoder, clean_text, read_emoji_file,
                                  read_vocabulary_file)
 
@@ -157,7 +156,7 @@ def save_npz_atomic(path, arrays, force=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src_dir", required=True,
                         help="directory of .txt files (recursive) or a glob")
     parser.add_argument("--dst_file", required=True,

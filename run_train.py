@@ -9,18 +9,17 @@ optimizer state and input position). Fine-tuning after scripts/add_layers.py:
     python run_train.py --init_checkpoint NEW_DIR --ignore_parameters NEW_DIR/ignore-params.json \
         --input_files ... --model_dir FINETUNED_DIR
 """
-import argparse
 import dataclasses
 import os
 import sys
 
-from gptsan.errors import GPTSANError, run_cli
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     # published flags
     parser.add_argument("--parameter_file", default="",
                         help="parameters.json / config (default: the one in --model_dir or "

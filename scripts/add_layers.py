@@ -7,18 +7,17 @@ The new directory gets the extended checkpoint, parameters.json (num_ext_layers 
 vocabulary/emoji copies and ignore-params.json: the variables to freeze (pass it to
 `run_train.py --ignore_parameters`).
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir  # noqa: E402
-from gptsan.errors import run_cli  # noqa: E402
+from gptsan.errors import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", required=True, help="source model directory")
     parser.add_argument("--dst", required=True, help="new model directory")
     parser.add_argument("--add_extra_stage", type=int, required=True,

@@ -6,7 +6,6 @@
 Data: wordfreq's Japanese word list (pip install -e '.[vocab]') and/or --corpus DIR
 (.txt, .html, man pages, optionally .gz); Unicode data from --unicode_dir (Debian unicode-data).
 """
-import argparse
 import os
 import sys
 import time
@@ -14,11 +13,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptsan import vocab_builder  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     sizes = f"{vocab_builder.MIN_VOCAB_SIZE}..{vocab_builder.MAX_VOCAB_SIZE}"
     parser.add_argument("--size", type=int, required=True, help=f"entries, {sizes}")
     parser.add_argument("--vocab_file", required=True, help="output vocabulary file")

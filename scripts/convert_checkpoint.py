@@ -7,7 +7,6 @@
 The direction is detected from the source directory (`--from hf|gptsan` forces it). A published
 original checkpoint directory (parameters.json + model.ckpt-*) is a GPTSAN model directory.
 """
-import argparse
 import os
 import sys
 
@@ -15,11 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from gptsan.checkpoint import (convert_gptsan_to_hf, convert_hf_to_gptsan,  # noqa: E402
                                detect_format)
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source_format", choices=("hf", "gptsan"), default=None,
                         help="source format (default: detected from --src)")
     parser.add_argument("--src", required=True, help="source directory")

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from gptsan import data, records  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VOCABULARY = os.path.join(ROOT, "ja-swe36k.txt")  # the project's generated vocabulary
@@ -26,7 +26,7 @@ DEFAULT_EMOJI = os.path.join(ROOT, "emoji.json")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input_files", nargs="+", required=True,
                    help="input text files (like 'data/*.txt'), a list file or a "
                         "'filename,fileid' CSV")

@@ -8,7 +8,6 @@ printed on their own; [MSK→猫] is a masked token with its target, [犬→猫]
 ⟨SEP:not-next⟩ ends a next sentence with its label; ⟨BAG⟩ follows a repeated token; ↵ is a
 line break; the NOT padding is counted, not printed.
 """
-import argparse
 import os
 import sys
 
@@ -16,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptsan import records  # noqa: E402
 from gptsan.data import NO_TARGET  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VOCABULARY = os.path.join(ROOT, "ja-swe36k.txt")  # the project's generated vocabulary
@@ -24,7 +23,7 @@ DEFAULT_EMOJI = os.path.join(ROOT, "emoji.json")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("file", help="a .tfrecord shard written by make_tfrecord.py")
     p.add_argument("--index", type=int, default=0, help="first example to show")
     p.add_argument("--count", type=int, default=1, help="number of examples to show")
