@@ -35,9 +35,12 @@ import glob
 import multiprocessing
 import os
 
+from typing import Optional
+
 import numpy as np
 
 from gptsan.errors import GPTSANError
+from gptsan.tokenization import CONTROL_TOKENS, NUM_BYTE_TOKENS
 
 MODES = ("lm", "mlm", "hybrid")
 NO_TARGET = -1  # y value of positions without loss
@@ -54,15 +57,16 @@ LIST_HEAD_CHARS = 4096  # an input file is a list/CSV if its first line (this lo
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
-    """Token ids the example builder needs (published make_tfrecord.py constants)."""
+    """Control ids and the token sets the LM rewrite needs (published make_tfrecord.py
+    constants); shared by the example builder and generation."""
     sot: int
     msk: int
     sep: int
     not_token: int
     bag: int
     seg: int
-    eot: int
-    nl: int  # <BR>: appended after every line
+    eot: int  # the last id of the vocabulary (DESIGN.md)
+    nl: Optional[int]  # <BR>: appended after every line (None: a synthetic vocabulary without)
     dots: frozenset  # fed as SEP in the LM part
     last_token: int  # published LAST_TOKEN = id(<|byte0|>) - 1: BAG only for ids <= it,
     #                  random replacements are drawn from [0, last_token)
@@ -76,6 +80,25 @@ class SpecialTokens:
                    dots=frozenset(ids[0] for ids in map(encoder.encode, DOT_TEXT)
                                   if len(ids) == 1),
                    last_token=encoder.token_to_id(BYTE0_TOKEN) - 1)
+
+    @classmethod
+    def from_vocab_size(cls, vocab_size, dots=(), nl=None):
+        """A vocabulary known only by its size: the 7 control ids are its last ids, the 255
+        byte tokens precede them (DESIGN.md); `dots`/`nl` as given (tests, benchmarks)."""
+        sot = vocab_size - len(CONTROL_TOKENS)
+        return cls(sot, sot + 1, sot + 2, sot + 3, sot + 4, sot + 5, sot + 6, nl,
+                   frozenset(int(t) for t in dots), sot - NUM_BYTE_TOKENS - 1)
+
+    @property
+    def vocab_size(self):
+        return self.eot + 1
+
+    @property
+    def controls(self):
+        return (self.sot, self.msk, self.sep, self.not_token, self.bag, self.seg, self.eot)
+
+    def is_control(self, token):
+        return token in self.controls
 
 
 @dataclasses.dataclass(frozen=True)

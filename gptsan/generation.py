@@ -11,9 +11,9 @@ sees at generation time looks like what it saw in training:
 * in the LM part sentence-final punctuation is fed as SEP (targets keep the real token): a
   generated "。" is emitted but fed back as SEP, and the context is fed the same way; a run of
   3+ equal word tokens is fed as `token BAG`, and an emitted BAG stands for the previous token
-  twice more (published run_generate.py). This is `gptsan.data.lm_transform`, the project's
-  training rewrite (tests check they agree); unlike the published make_tfrecord.py it keeps a
-  line end as <BR> instead of feeding it as SEP.
+  twice more (published run_generate.py). The prompt goes through `gptsan.data.lm_transform`,
+  the project's training rewrite, with the same `gptsan.data.SpecialTokens`; unlike the
+  published make_tfrecord.py it keeps a line end as <BR> instead of feeding it as SEP.
 * the model never emits SOT/MSK/SEP/NOT/SEG; when SEP would be its top choice, the choice is
   narrowed to sentence-final punctuation, newline or EOT (published: "SEP means a full stop or
   EOT, whichever is more likely").
@@ -29,91 +29,19 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from gptsan.data import SpecialTokens, lm_transform  # noqa: F401 (callers use gen.SpecialTokens)
 from gptsan.errors import GPTSANError
 
-SENTENCE_END_TEXT = "。｡．.？！?!:：;；"  # published DOT_TOKENS: fed as SEP in training
-NEWLINE_TEXT = "\n"  # published NL_TOKEN: one of the tokens a predicted SEP stands for
 BAG_EXTRA_REPEATS = 2  # published run_generate.py appends the previous token twice per BAG
-BAG_MIN_RUN = 3  # make_tfrecord.py: a token repeated 3+ times is fed as `token BAG`
-NUM_BYTE_TOKENS = 255  # <|byte0|>..<|byte254|> precede the 7 control tokens (DESIGN.md)
 NEG_INF = -np.inf
 SPOUT_MODES = ("onehot", "half_onehot", "stateless_uniform")  # class-id spouts of training
 FINISH_EOT, FINISH_MAX, FINISH_CONTEXT = "eot", "max_generate", "context_full"
 
 
-# --------------------------------------------------------------------------- special tokens
-@dataclasses.dataclass(frozen=True)
-class SpecialTokens:
-    """Control ids plus the sentence-final tokens (fed as SEP) and the newline token."""
-    vocab_size: int
-    sot: int
-    msk: int
-    sep: int
-    not_token: int
-    bag: int
-    seg: int
-    eot: int
-    sentence_end: frozenset = frozenset()  # ids of "。．？！…" etc.
-    newline: Optional[int] = None  # id of <BR>
-
-    @classmethod
-    def from_vocab_size(cls, vocab_size, sentence_end=(), newline=None):
-        """Control ids counted from the end of the vocabulary (DESIGN.md)."""
-        n = vocab_size
-        return cls(n, n - 7, n - 6, n - 5, n - 4, n - 3, n - 2, n - 1,
-                   frozenset(int(t) for t in sentence_end), newline)
-
-    @property
-    def byte0(self):
-        """Id of <|byte0|>: ids below it are words/symbols (published `LAST_TOKEN` + 1)."""
-        return self.sot - NUM_BYTE_TOKENS
-
-    @classmethod
-    def from_encoder(cls, encoder):
-        """Reads the control ids from an `SWEEncoder` and encodes the punctuation set."""
-        single = [encoder.encode(c) for c in SENTENCE_END_TEXT]  # chars with their own token
-        sentence_end = frozenset(ids[0] for ids in single if len(ids) == 1)
-        newline = encoder.encode(NEWLINE_TEXT)
-        return cls(len(encoder), encoder.sot, encoder.msk, encoder.sep, encoder.not_token,
-                   encoder.bag, encoder.seg, encoder.eot, sentence_end,
-                   newline[0] if len(newline) == 1 else None)
-
-    @property
-    def controls(self):
-        return (self.sot, self.msk, self.sep, self.not_token, self.bag, self.seg, self.eot)
-
-    def is_control(self, token):
-        return token in self.controls
-
-    def fed_as_sep(self, token):
-        return token in self.sentence_end
-
-    def baggable(self, token):
-        """Runs of this token become `token BAG` (word tokens, not bytes/controls/newline)."""
-        return token < self.byte0 and token != self.newline
-
-
-def to_model_input(tokens, special):
-    """LM-part tokens as the model saw them in training: sentence-final punctuation -> SEP, and a
-    run of 3+ equal word tokens (not bytes, controls or newline) -> `token BAG`."""
-    out = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        run = 1
-        while i + run < len(tokens) and tokens[i + run] == token:
-            run += 1
-        if run >= BAG_MIN_RUN and special.baggable(token):
-            out.extend([special.sep if special.fed_as_sep(token) else token, special.bag])
-        else:
-            out.extend([special.sep if special.fed_as_sep(t) else t for t in tokens[i:i + run]])
-        i += run
-    return out
-
-
+# --------------------------------------------------------------------------- LM feed
 def feed_token(token, special):
-    """The id fed back to the model after `token` was generated."""
-    return special.sep if special.fed_as_sep(token) else token
+    """The id fed back to the model after `token` was generated (lm_transform of one token)."""
+    return special.sep if token in special.dots else token
 
 
 def expand_output(model_tokens, special):
@@ -192,7 +120,7 @@ def build_prompt(special, context_ids, prefix_ids=(), spout=None, max_length=Non
     _require(context_ids or prefix_ids, "the context is empty: give --context (or --prefix)")
     spout_slots = 0 if spout is None else 1
     head = [special.sot] + prefix_ids + [special.seg]
-    body = to_model_input(context_ids, special)
+    body = lm_transform(context_ids, special)[0].tolist()  # fed as in training
     dropped = 0
     if max_length is not None:
         room = max_length - spout_slots - len(head)  # slots left for context + generation
@@ -284,8 +212,8 @@ def mask_logits(logits, special, history=(), repetition_penalty=1.0, allowed=Non
     if allowed is not None:
         banned |= ~allowed_mask(allowed, x.shape[0])
         banned[special.sep] = False  # SEP stands for its expansions, checked below
-    ends = sorted(special.sentence_end) + ([special.newline] if special.newline is not None
-                                           else []) + [special.eot]
+    ends = sorted(special.dots) + ([special.nl] if special.nl is not None else []) \
+        + [special.eot]
     ends = np.array([t for t in ends if not banned[t]], dtype=np.int64)  # SEP's expansions
     x[banned] = NEG_INF
     if ends.size and int(np.argmax(x)) == special.sep:

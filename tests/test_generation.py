@@ -7,28 +7,33 @@ import os
 import numpy as np
 import pytest
 
+from gptsan import data
 from gptsan import generation as gen
 from gptsan.errors import GPTSANError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 V = 300  # vocabulary of the pure-logic tests: 38 words, 255 bytes, 7 controls
-SPECIAL = gen.SpecialTokens.from_vocab_size(V, sentence_end=[10, 11], newline=12)
+SPECIAL = gen.SpecialTokens.from_vocab_size(V, dots=[10, 11], nl=12)
 
 
 # --------------------------------------------------------------------------- pure logic
 def test_control_ids_count_from_the_end():
     s = gen.SpecialTokens.from_vocab_size(36000)
     assert (s.sot, s.msk, s.sep, s.not_token, s.bag, s.seg, s.eot) == tuple(range(35993, 36000))
+    assert s.controls == tuple(range(35993, 36000)) and s.vocab_size == 36000
+    assert s.last_token == 35993 - 255 - 1 and s.nl is None and s.dots == frozenset()
+    assert s.is_control(35993) and s.is_control(35999) and not s.is_control(35992)
 
 
 def test_model_input_feeds_sep_for_sentence_ends_and_bag_for_runs():
     s = SPECIAL
-    assert gen.to_model_input([1, 10, 2, 2, 2, 2, 3, 12, 5, 5], s) == [
+    head = [s.sot, s.seg]
+    assert gen.build_prompt(s, [1, 10, 2, 2, 2, 2, 3, 12, 5, 5]).input_ids == head + [
         1, s.sep, 2, s.bag, 3, 12, 5, 5]
-    byte = s.byte0 + 7  # runs of byte tokens and newlines are not BAGged
-    assert gen.to_model_input([byte] * 3 + [12] * 3 + [11] * 3, s) == \
-        [byte] * 3 + [12] * 3 + [s.sep, s.bag]
+    byte = s.last_token + 8  # runs of byte tokens and newlines are not BAGged
+    assert gen.build_prompt(s, [byte] * 3 + [12] * 3 + [11] * 3).input_ids == \
+        head + [byte] * 3 + [12] * 3 + [s.sep, s.bag]
     assert gen.feed_token(11, s) == s.sep and gen.feed_token(12, s) == 12
     assert gen.feed_token(7, s) == 7 and gen.feed_token(s.bag, s) == s.bag
 
@@ -210,23 +215,25 @@ def make_tiny_model_dir(path, seed=0, **overrides):
 
 
 def test_model_input_is_the_training_rewrite(tmp_path):
-    """The prompt's LM part is fed exactly like gptsan.data feeds training text."""
-    from gptsan import data
+    """The prompt's LM part and every generated token are fed exactly like gptsan.data feeds
+    training text."""
     from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
     from gptsan.tokenization import SWEEncoder
 
     write_tiny_vocabulary(str(tmp_path))
     encoder = SWEEncoder.from_files(str(tmp_path / VOCAB_FILE), str(tmp_path / EMOJI_FILE))
-    ours, theirs = gen.SpecialTokens.from_encoder(encoder), data.SpecialTokens.from_encoder(encoder)
-    assert ours.sentence_end == theirs.dots and ours.newline == theirs.nl
-    assert ours.byte0 - 1 == theirs.last_token
+    special = gen.SpecialTokens.from_encoder(encoder)
+    assert special.last_token == encoder.token_to_id("<|byte0|>") - 1
     rng = np.random.default_rng(0)
-    pool = [encoder.token_to_id(c) for c in "あい。！"] + [ours.newline, ours.byte0 + 3]
+    pool = [encoder.token_to_id(c) for c in "あい。！"] + [special.nl, special.last_token + 4]
+    for token in pool + list(special.controls):
+        assert gen.feed_token(token, special) == data.lm_transform([token], special)[0][0]
     for _ in range(200):
         tokens = list(rng.choice(pool, size=int(rng.integers(1, 12))))
         tokens = [t for t in tokens for _ in range(int(rng.integers(1, 5)))]  # make runs
-        fed, _, _ = data.lm_transform(tokens, theirs)
-        assert gen.to_model_input(tokens, ours) == fed.tolist()
+        fed, _, _ = data.lm_transform(tokens, special)
+        prompt = gen.build_prompt(special, tokens)
+        assert prompt.input_ids == [special.sot, special.seg] + fed.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +261,8 @@ def _prompt(tiny, kind):
 def test_tiny_vocabulary_special_tokens(tiny):
     _, encoder, special, _ = tiny
     assert special.vocab_size == len(encoder) and special.eot == len(encoder) - 1
-    assert len(special.sentence_end) == len(gen.SENTENCE_END_TEXT)
-    assert special.newline == encoder.token_to_id("<BR>")
+    assert len(special.dots) == len(data.DOT_TEXT)
+    assert special.nl == encoder.token_to_id("<BR>")
 
 
 @pytest.mark.parametrize("kind", ["plain", "prefix", "spout"])
