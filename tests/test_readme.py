@@ -16,7 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Markers of commands that need resources this machine doesn't have: run with --help only.
 HELP_ONLY_MARKERS = ("gs://", "TPU_NAME", "GPTSAN-japanese", "models/gptsan-", "records/*.tfrecord")
-OUTPUTS = ("/tmp/gptsan_records", "/tmp/gptsan_tiny", "/tmp/gptsan_vector.json",
+OUTPUTS = ("/tmp/gptsan_hybrid_0000.tfrecord", "/tmp/gptsan_tiny", "/tmp/gptsan_vector.json",
            "/tmp/ja-swe8k.txt", "/tmp/emoji8k.json", "/tmp/gptsan_sample.npz")
 COMMAND_TIMEOUT_S = 300
 
@@ -39,8 +39,10 @@ def test_readme_has_commands_for_every_task():
                     reason="models/demo is not built (make demo-model)")
 def test_every_readme_command_runs():
     for path in OUTPUTS:
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
-            os.path.exists(path) and os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     for command in readme_commands():
         argv = shlex.split(command)
         argv[0] = sys.executable
