@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from gptsan.config import PARAMETERS_FILE, SPOUT_DEPTH, GPTSANConfig, ModelConfig, TrainConfig
 from gptsan.errors import GPTSANError
+from gptsan.fileio import read_json
 
 VOCAB_FILE = "ja-swe36k.txt"  # vocabulary copy inside a model directory (DESIGN.md)
 EMOJI_FILE = "emoji.json"  # emoji table copy inside a model directory (DESIGN.md)
@@ -734,13 +735,7 @@ def _tokenizer_files(model, vocab, emoji):
         model.validate_vocabulary(entries, source=vocab)
         files[VOCAB_FILE] = vocab
     if emoji:
-        try:
-            with open(emoji, encoding="utf-8") as f:
-                table = json.load(f)
-        except FileNotFoundError:
-            raise GPTSANError(f"emoji file not found: {emoji}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GPTSANError(f"{emoji} is not valid JSON: {err}") from None
+        table = read_json(emoji, "emoji file")
         if not isinstance(table, dict) or "emoji" not in table:
             raise GPTSANError(f"{emoji} is not an emoji table (no 'emoji' key)")
         files[EMOJI_FILE] = emoji

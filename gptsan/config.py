@@ -12,6 +12,7 @@ import json
 import os
 
 from gptsan.errors import GPTSANError
+from gptsan.fileio import read_json, write_text_atomic
 
 PARAMETERS_FILE = "parameters.json"  # the config file inside a model directory
 MOE_HIDDEN_FACTOR = 8  # published code hard-codes the expert width as 8 * num_hidden
@@ -124,14 +125,7 @@ class GPTSANConfig:
         """Loads a `parameters.json` (or a model directory containing one)."""
         if os.path.isdir(path):
             path = os.path.join(path, PARAMETERS_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise GPTSANError(f"config file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GPTSANError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json(path, "config file"), source=path)
 
     def to_dict(self):
         return {"model_params": dataclasses.asdict(self.model),
@@ -139,11 +133,7 @@ class GPTSANConfig:
 
     def to_json_file(self, path):
         """Writes atomically (temp file + rename): never leaves a partial file."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
 def count_parameters(model):

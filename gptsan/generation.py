@@ -31,6 +31,7 @@ import numpy as np
 
 from gptsan.data import SpecialTokens, lm_transform  # noqa: F401 (callers use gen.SpecialTokens)
 from gptsan.errors import GPTSANError
+from gptsan.fileio import write_text_atomic
 
 BAG_EXTRA_REPEATS = 2  # published run_generate.py appends the previous token twice per BAG
 NEG_INF = -np.inf
@@ -601,15 +602,7 @@ def check_output_path(path, force):
 
 def write_json_atomic(path, data):
     """Writes JSON via a temp file + rename: never leaves a partial file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False) + "\n")
 
 
 def save_npy_atomic(path, array):

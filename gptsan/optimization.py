@@ -9,12 +9,12 @@ Name rules (DESIGN.md checkpoint names; unit-tested in tests/test_optimization.p
 * variables named in an ignore list (the published `ignore-params.json`) are frozen: they get no
   gradient, no update and no optimizer slot variables.
 """
-import json
 import math
 import re
 
 from gptsan.compat import mtf, tf
 from gptsan.errors import GPTSANError
+from gptsan.fileio import read_json
 
 ADAM_BETA1 = 0.9  # published optimization.py
 ADAM_BETA2 = 0.999  # published optimization.py
@@ -58,13 +58,7 @@ def learning_rate_schedule(global_step, base_lr, num_warmup_steps):
 
 def load_ignore_parameters(path):
     """Reads an `ignore-params.json` (a JSON list of variable names) -> list of names."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except FileNotFoundError:
-        raise GPTSANError(f"--ignore_parameters file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GPTSANError(f"--ignore_parameters {path} is not valid JSON: {err}") from None
+    names = read_json(path, "--ignore_parameters file")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise GPTSANError(f"--ignore_parameters {path} must be a JSON list of variable names")
     return [variable_base_name(n) for n in names]

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptsan.config import GPTSANConfig  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.fileio import write_text_atomic  # noqa: E402
 
 THREADS = 2  # the benchmark machine's cores; both frameworks get the same
 FORWARD_BATCH, FORWARD_LENGTH = 8, 256
@@ -211,10 +212,7 @@ def main(argv=None):
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        tmp_path = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp_path, args.output)
+        write_text_atomic(args.output, text + "\n")
     return 0
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 from gptsan.config import GPTSANConfig  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.fileio import write_text_atomic  # noqa: E402
 
 TARGET_RATIO = 1.0  # the brief's target: GPTSAN tokens/s >= HF PyTorch tokens/s
 ENGINES = ("gptsan", "hf")
@@ -160,10 +161,7 @@ def main(argv=None):
     text = json.dumps(report, indent=1)
     print(text)
     if args.output:
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.output)
+        write_text_atomic(args.output, text + "\n")
     return 0
 
 
