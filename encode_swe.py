@@ -21,12 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
-from gptsan.tokenization import (CONTROL_TOKENS, SWEEncoder, clean_text, read_emoji_file,
-                                 read_vocabulary_file)
+from gptsan.tokenization import (CONTROL_TOKENS, DEFAULT_EMOJI, DEFAULT_VOCABULARY, SWEEncoder,
+                                 clean_text, read_emoji_file, read_vocabulary_file)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_VOCABULARY = os.path.join(ROOT, "ja-swe36k.txt")
-DEFAULT_EMOJI = os.path.join(ROOT, "emoji.json")
 END_OF_TEXT = CONTROL_TOKENS[-1]  # appended after every file, as published
 DEFAULT_COMBINE = 50000  # published default: minimum characters per array
 DEFAULT_NUM_PROCESS = 8  # published default

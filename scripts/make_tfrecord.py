@@ -19,10 +19,8 @@ from tqdm import tqdm  # noqa: E402
 
 from gptsan import data, records  # noqa: E402
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
+from gptsan.tokenization import DEFAULT_EMOJI, DEFAULT_VOCABULARY  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_VOCABULARY = os.path.join(ROOT, "ja-swe36k.txt")  # the project's generated vocabulary
-DEFAULT_EMOJI = os.path.join(ROOT, "emoji.json")
 
 
 def parse_args(argv):
