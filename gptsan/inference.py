@@ -4,10 +4,10 @@ All programs of a Predictor (one per input shape) live in ONE tf.Graph and ONE S
 share the model variables (`AUTO_REUSE`), so the checkpoint is restored once (plain
 `tf.train.Saver` over the master variables, then `copy_masters_to_slices`) and a new input
 shape only adds its ops. Incremental decoding keeps a fixed-length K/V cache of
-`num_contexts` slots per layer in TF variables ([batch, heads, memory, head_dim]); `prefill`
-writes the prompt's keys/values; each `step` attends to the cache (slots not yet written are
-masked) plus its own key, then writes its key/value into the slot at the fed position
-(StridedSliceAssign): no graph rebuild and no cache copy per token.
+`num_contexts` slots per layer in TF variables ([memory, batch, heads, head_dim]); `prefill`
+writes the prompt's keys/values; each `step` attends to the filled slots (a leading-dim
+slice, never copied) plus its own key, then writes its key/value into the slot at the fed
+position (StridedSliceAssign): no graph rebuild and no cache copy per token.
 """
 import collections
 import os
@@ -230,19 +230,19 @@ class Predictor:
 
 
 class _Cache:
-    """Per-batch K/V cache variables: per layer K and V [batch, heads, num_contexts, head_dim]."""
+    """Per-batch K/V cache variables: per layer K and V [num_contexts, batch, heads, head_dim]."""
 
     def __init__(self, predictor, batch):
         config = predictor.model_config
         self.batch = batch
-        shape = [batch, config.num_header, config.num_contexts, config.head_dim]
+        shape = [config.num_contexts, batch, config.num_header, config.head_dim]
         with predictor._graph.as_default(), tf.variable_scope(f"kv_cache_b{batch}"):
             self.keys = [tf.Variable(tf.zeros(shape), trainable=False, name=f"k{l}",
                                      collections=[]) for l in range(config.num_layers)]
             self.values = [tf.Variable(tf.zeros(shape), trainable=False, name=f"v{l}",
                                        collections=[]) for l in range(config.num_layers)]
             self._indices = tf.placeholder(tf.int32, [batch], name="reorder_indices")
-            self._reorder = tf.group([var.assign(tf.gather(var, self._indices))
+            self._reorder = tf.group([var.assign(tf.gather(var, self._indices, axis=1))
                                       for var in self.keys + self.values])
         predictor._session.run([v.initializer for v in self.keys + self.values])
         self._session = predictor._session
@@ -283,7 +283,7 @@ class _Program:
                 self.position = tf.placeholder(tf.int32, [], name="cache_position")
                 feeds.append(self.position)
                 memory = mtf.Dimension(meshlib.MEMORY, config.num_contexts)
-                kv_shape = [batch_dim, mtf.Dimension(meshlib.HEADS, config.num_header), memory,
+                kv_shape = [memory, batch_dim, mtf.Dimension(meshlib.HEADS, config.num_header),
                             mtf.Dimension(meshlib.HEAD_DIM, config.head_dim)]
                 dtype = predictor.variable_dtype.activation_dtype
                 past = KVCache(
@@ -297,7 +297,7 @@ class _Program:
                 mtf.import_tf_tensor(mesh, self.ids, [batch_dim, length_dim]),
                 num_precontext=mtf.import_tf_tensor(mesh, self.precontext, [batch_dim]),
                 spout=spout_tensor, train=False, variable_dtype=predictor.variable_dtype,
-                past=past, local_experts=meshlib.model_parallel_size(predictor.mesh_shape) == 1)
+                past=past, unsplit_model=meshlib.model_parallel_size(predictor.mesh_shape) == 1)
             lowering = mtf.Lowering(mtf_graph, {mesh: predictor._mesh_impl})
             export = lowering.export_to_tf_tensor
             fetches = {"logits": export(output.logits),
@@ -313,13 +313,13 @@ class _Program:
                 for layer, present in enumerate(output.presents):
                     for var, tensor in zip((cache.keys[layer], cache.values[layer]), present):
                         slots = tensor.shape.get_dim_by_name(meshlib.MEMORY).size
-                        updates.append(var[:, :, :slots].assign(
+                        updates.append(var[:slots].assign(
                             _export_ordered(lowering, tensor, _CACHE_ORDER)))
             elif kind == "step":
                 for layer, new_kv in enumerate(output.new_keys_values):
                     for var, tensor in zip((cache.keys[layer], cache.values[layer]), new_kv):
                         begin = self.position
-                        updates.append(var[:, :, begin:begin + 1].assign(
+                        updates.append(var[begin:begin + 1].assign(
                             _export_ordered(lowering, tensor, _CACHE_ORDER)))
             self._names = list(fetches)
             fetch_list = [fetches[name] for name in self._names]
@@ -344,7 +344,7 @@ class _Program:
         return result
 
 
-_CACHE_ORDER = (meshlib.BATCH, meshlib.HEADS, meshlib.MEMORY, meshlib.HEAD_DIM)
+_CACHE_ORDER = (meshlib.MEMORY, meshlib.BATCH, meshlib.HEADS, meshlib.HEAD_DIM)
 
 
 def _export_ordered(lowering, tensor, order):

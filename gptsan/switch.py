@@ -9,8 +9,9 @@ is always added.
 """
 import dataclasses
 
-from gptsan.compat import mtf, tf
 from gptsan import mesh as meshlib
+from gptsan.compat import mtf, tf
+from gptsan.layers import dense, dense_initializer
 
 MAX_GROUP_SIZE = 1024  # published moe_group_size
 TRAIN_CAPACITY_FACTOR = 1.25  # published moe_capacity_factor_train
@@ -88,7 +89,8 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False):
     if train:
         gate_inputs *= mtf.random_uniform(mesh, gate_inputs.shape, minval=1.0 - JITTER,
                                           maxval=1.0 + JITTER, dtype=tf.float32)
-    router_logits = mtf.einsum([gate_inputs, w_gate], [groups_dim, group_dim, experts_dim])
+    router_logits = dense(gate_inputs, w_gate, [groups_dim, group_dim, experts_dim],
+                          fused=not train)
     probs = mtf.softmax(router_logits, experts_dim)  # [G, S, E]
     gate, index = mtf.top_1(probs, experts_dim)  # [G, S]
     mask = mtf.one_hot(index, experts_dim, dtype=tf.float32)  # [G, S, E]
@@ -150,7 +152,8 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False):
         y = mtf.einsum([expert_out, mtf.cast(dispatch * gate, dtype)],
                        [groups_dim, group_dim, d_dim])
     y = _from_groups(y, x.shape, padding)
-    soft = mtf.tanh(mtf.einsum([x, w_soft], [batch_dim, length_dim, w_soft.shape.dims[1]]))
+    soft = mtf.tanh(dense(x, w_soft, [batch_dim, length_dim, w_soft.shape.dims[1]],
+                          fused=not train))
     y += mtf.rename_dimension(soft, meshlib.D_MODEL_OUT, meshlib.D_MODEL)
 
     entropy = -mtf.reduce_sum(probs * mtf.log(mtf.maximum(probs, 1e-9)), reduced_dim=experts_dim)
@@ -260,8 +263,3 @@ def _sliced_expert_outputs(x, index, wi, wo):
             row.append(tf.matmul(h, w2)[0])  # [d]
         rows.append(tf.stack(row))
     return tf.stack(rows)
-
-
-def dense_initializer(fan_in):
-    """Published mtf dense init: normal with stddev fan_in ** -0.5 (variance scaling 1.0)."""
-    return tf.random_normal_initializer(stddev=fan_in ** -0.5)

@@ -238,11 +238,11 @@ def test_multi_token_chunks_on_a_fixed_cache():
 
         full = build_model(config, mesh, run_ids(ids), precontext([4, 0]))
         short = build_model(config, mesh, run_ids(ids[:, 5:]), precontext([2, 0]))
-        cache_dims = [batch, mtf.Dimension(meshlib.HEADS, 2), mtf.Dimension(meshlib.MEMORY, 8),
+        cache_dims = [mtf.Dimension(meshlib.MEMORY, 8), batch, mtf.Dimension(meshlib.HEADS, 2),
                       mtf.Dimension(meshlib.HEAD_DIM, 8)]
         feeds, caches = [], []
         for _ in range(2 * config.num_layers):
-            feeds.append(tf.placeholder(tf.float32, [2, 2, 8, 8]))
+            feeds.append(tf.placeholder(tf.float32, [8, 2, 2, 8]))
             caches.append(mtf.import_tf_tensor(mesh, feeds[-1], cache_dims))
         length = tf.placeholder(tf.int32, [])
 
@@ -254,12 +254,12 @@ def test_multi_token_chunks_on_a_fixed_cache():
         chunk, chunk_prefix = cached([4, 0]), cached([2, 0])
         lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl("", devices=[""])})
         export = lowering.export_to_tf_tensor
-        presents = [tf.transpose(export(t), [0, 2, 1, 3]) for kv in full.presents for t in kv]
+        presents = [tf.transpose(export(t), [1, 0, 2, 3]) for kv in full.presents for t in kv]
         with tf.Session(graph=graph) as session:
             session.run(tf.global_variables_initializer())
             full_logits, short_logits, present_values = session.run(
                 [export(full.logits), export(short.logits), presents])
-            garbage = [np.where(np.arange(8)[None, None, :, None] < 5, p,
+            garbage = [np.where(np.arange(8)[:, None, None, None] < 5, p,
                                 rng.normal(size=p.shape) * 100) for p in present_values]
             chunk_logits = session.run(export(chunk.logits),
                                        {**dict(zip(feeds, garbage)), length: 5})
