@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must be set before TensorFlow loads
 
 import tensorflow.compat.v1 as tf  # noqa: E402
+from tensorflow.core.protobuf import config_pb2  # noqa: E402,F401 (CallableOptions)
 from tensorflow.python.framework import ops as _tf_ops  # noqa: E402
 
 if not hasattr(_tf_ops, "register_tensor_conversion_function"):

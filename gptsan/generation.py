@@ -35,6 +35,7 @@ from gptsan.fileio import write_text_atomic
 
 BAG_EXTRA_REPEATS = 2  # published run_generate.py appends the previous token twice per BAG
 NEG_INF = -np.inf
+PREFILL_BUCKET = 32  # one-row prompts are prefilled padded to a multiple of this many tokens
 SPOUT_MODES = ("onehot", "half_onehot", "stateless_uniform")  # class-id spouts of training
 FINISH_EOT, FINISH_MAX, FINISH_CONTEXT = "eot", "max_generate", "context_full"
 
@@ -53,12 +54,17 @@ def expand_output(model_tokens, special):
     """
     out = []
     for token in model_tokens:
-        if token == special.bag:
-            if out:
-                out.extend([out[-1]] * BAG_EXTRA_REPEATS)
-        elif not special.is_control(token):
-            out.append(token)
+        append_output(out, token, special)
     return out
+
+
+def append_output(out, token, special):
+    """Appends to `out` the ids one model token emits (see `expand_output`)."""
+    if token == special.bag:
+        if out:
+            out.extend([out[-1]] * BAG_EXTRA_REPEATS)
+    elif not special.is_control(token):
+        out.append(token)
 
 
 # --------------------------------------------------------------------------- settings
@@ -242,6 +248,12 @@ def log_softmax(x):
     return shifted - np.log(np.sum(np.exp(shifted)))
 
 
+def token_log_prob(x, token):
+    """log_softmax(x)[token] without building the whole log-softmax vector."""
+    top = np.max(x)
+    return float(x[token] - top - np.log(np.sum(np.exp(x - top))))
+
+
 def sampling_distribution(x, settings):
     """Masked logits -> sampling probabilities (temperature, top-k, top-p), float64 [vocab]."""
     x = x / settings.temperature
@@ -273,13 +285,16 @@ def choose_token(x, settings, rng):
 class _CachedModel:
     """Incremental decoding through the Predictor's K/V cache.
 
-    The prompt is prefilled right-padded with EOT to the model length, as the published
-    run_generate.py ran every pass: the Switch layers' expert capacity grows with the tokens in
-    a call (eval: max(2 * S / experts, 4) per group of S tokens), so a short unpadded prompt
-    could lose tokens to capacity that the published code (and our full recomputation) keeps.
-    Padding comes after the real tokens in routing priority and in the causal order, and the
-    cache is then rewound to the real length: each step overwrites its slot and attends only
-    to the slots before it, so the padding's keys/values are never seen.
+    The published run_generate.py ran every pass right-padded with EOT to the model length,
+    and the Switch layers' expert capacity grows with the tokens in a call (eval:
+    max(2 * S / experts, 4) per group of S tokens): a short unpadded prompt could lose tokens
+    to capacity that the published code (and our full recomputation) keeps. With one row the
+    prompt is prefilled routed as that padded pass (`Predictor.prefill(routing_length=)`),
+    its length rounded up to PREFILL_BUCKET so a few programs serve every prompt; with more
+    rows (beams) the padding of one row precedes the next row in routing, so the rows are
+    padded for real. Padding comes after the real tokens in routing priority and in the
+    causal order, and the cache is then rewound to the real length: each step overwrites its
+    slot and attends only to the slots before it, so the padding's keys/values are never seen.
     """
 
     def __init__(self, predictor):
@@ -288,14 +303,19 @@ class _CachedModel:
     def start(self, input_ids, num_precontext, spout):
         ids = np.asarray(input_ids, np.int32)  # [b, s]
         padded = _pad(ids, self.predictor, spout)  # [b, slots]
-        out = self.predictor.prefill(padded, num_precontext=num_precontext, spout=spout)
+        routing_length = None
+        if ids.shape[0] == 1:
+            bucket = -(-ids.shape[1] // PREFILL_BUCKET) * PREFILL_BUCKET
+            padded, routing_length = padded[:, :bucket], padded.shape[1]
+        out = self.predictor.prefill(padded, num_precontext=num_precontext, spout=spout,
+                                     routing_length=routing_length)
         self.prompt_slots = ids.shape[1] + (0 if spout is None else 1)
         self.rewind()
         return out["logits"][:, ids.shape[1] - 1]  # [b, vocab]
 
     def rewind(self):
         """Back to the end of the prompt (its cache slots are never overwritten)."""
-        self.predictor.cache_length = self.prompt_slots
+        self.predictor.rewind(self.prompt_slots)
 
     def advance(self, tokens):
         return self.predictor.step(np.asarray(tokens, np.int32))["logits"]  # [b, vocab]
@@ -416,10 +436,10 @@ def _sample_one(model, logits, limit, prompt, special, settings, rng, index, on_
         x = mask_logits(logits, special, history, settings.repetition_penalty, allowed)
         token = choose_token(x, settings, rng)
         result.model_tokens.append(token)
-        result.scores.append(float(log_softmax(x)[token]))
+        result.scores.append(token_log_prob(x, token))
         if not special.is_control(token):
             history.append(token)
-        result.tokens = expand_output(result.model_tokens, special)
+        append_output(result.tokens, token, special)
         if token == special.eot:
             result.finish_reason = FINISH_EOT
         elif len(result.model_tokens) >= limit[0]:

@@ -16,10 +16,11 @@ import numpy as np
 
 from gptsan import mesh as meshlib
 from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
-from gptsan.compat import mtf, session_config, tf
+from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
 from gptsan.modeling import MODEL_VARIABLE_PREFIXES, KVCache, build_model, variable_shapes
+from gptsan.switch import split_into_groups
 
 MAX_PROGRAMS = 8  # input shapes kept callable at once (each adds its ops to the graph)
 
@@ -84,15 +85,27 @@ class Predictor:
         program = self._program(ids.shape[0], ids.shape[1], spout is not None, "forward")
         return program.run(ids, precontext, spout)
 
-    def prefill(self, input_ids, num_precontext=None, spout=None):
-        """Forward pass that also (re)fills the K/V cache; returns the same dict as `forward`."""
+    def prefill(self, input_ids, num_precontext=None, spout=None, routing_length=None):
+        """Forward pass that also (re)fills the K/V cache; returns the same dict as `forward`.
+
+        routing_length (batch 1 only): route the Switch layers as the first tokens of a
+        sequence of this many tokens (e.g. the published right-padded pass) would be routed:
+        the same expert groups and capacity, so the prompt's outputs equal that pass's at a
+        fraction of its cost (later tokens never take capacity from earlier ones).
+        """
         ids, precontext, spout = self._check_inputs(input_ids, num_precontext, spout)
         slots = ids.shape[1] + (1 if spout is not None else 0)
         if slots > self.max_length:
             raise GPTSANError(f"prompt needs {slots} cache slots (tokens + spout) but the model "
                               f"has num_contexts={self.max_length}")
         batch = ids.shape[0]
-        program = self._program(batch, ids.shape[1], spout is not None, "prefill")
+        group_size = None
+        if routing_length is not None:
+            if batch != 1 or not ids.shape[1] <= routing_length <= self.max_length:
+                raise GPTSANError(f"routing_length={routing_length} needs batch 1 and "
+                                  f"{ids.shape[1]} <= routing_length <= {self.max_length}")
+            group_size = split_into_groups(routing_length)[1]
+        program = self._program(batch, ids.shape[1], spout is not None, "prefill", group_size)
         self._cache = self._cache_for(batch)
         result = program.run(ids, precontext, spout)
         self.cache_length = slots
@@ -118,6 +131,14 @@ class Predictor:
         self.cache_length += 1
         return {"logits": out["logits"][:, 0],
                 "hidden_states": [h[:, 0] for h in out["hidden_states"]]}
+
+    def rewind(self, length):
+        """Keeps only the first `length` filled cache slots; later steps overwrite the rest."""
+        if self._cache is None:
+            raise GPTSANError("rewind() needs a prefill() first")
+        if not 0 < length <= self.cache_length:
+            raise GPTSANError(f"rewind length {length} is out of range 1..{self.cache_length}")
+        self.cache_length = int(length)
 
     def reorder_cache(self, indices):
         """Beam search: row i of the cache becomes old row indices[i]."""
@@ -202,13 +223,13 @@ class Predictor:
         return ids, precontext, spout
 
     # ------------------------------------------------------------------ programs
-    def _program(self, batch, length, spout, kind):
-        key = (batch, length, spout, kind)
+    def _program(self, batch, length, spout, kind, group_size=None):
+        key = (batch, length, spout, kind, group_size)
         program = self._programs.get(key)
         if program is None:
             if len(self._programs) >= MAX_PROGRAMS:
                 self._programs.popitem(last=False)
-            program = _Program(self, batch, length, spout, kind)
+            program = _Program(self, batch, length, spout, kind, group_size)
             self._programs[key] = program
         else:
             self._programs.move_to_end(key)
@@ -255,10 +276,10 @@ class _Program:
     """One lowered mtf graph for a (batch, length, spout, kind) in the Predictor's tf.Graph.
 
     kind: "forward" (no cache), "prefill" (writes the cache's first slots) or "step"
-    (one token at a fed cache position).
+    (one token at a fed cache position); group_size: Switch routing group size override.
     """
 
-    def __init__(self, predictor, batch, length, spout, kind):
+    def __init__(self, predictor, batch, length, spout, kind, group_size=None):
         config = predictor.model_config
         self.kind = kind
         cache = predictor._cache_for(batch) if kind != "forward" else None
@@ -297,17 +318,19 @@ class _Program:
                 mtf.import_tf_tensor(mesh, self.ids, [batch_dim, length_dim]),
                 num_precontext=mtf.import_tf_tensor(mesh, self.precontext, [batch_dim]),
                 spout=spout_tensor, train=False, variable_dtype=predictor.variable_dtype,
-                past=past, unsplit_model=meshlib.model_parallel_size(predictor.mesh_shape) == 1)
+                past=past, unsplit_model=meshlib.model_parallel_size(predictor.mesh_shape) == 1,
+                routing_group_size=group_size)
             lowering = mtf.Lowering(mtf_graph, {mesh: predictor._mesh_impl})
             export = lowering.export_to_tf_tensor
+            # Per-layer outputs are one fetch each ([layers, b, s, ...]), split in NumPy.
             fetches = {"logits": export(output.logits),
-                       # One fetch for all layers: [L, b, s, d], split in NumPy (views).
                        "hidden_states": tf.stack([tf.cast(export(h), tf.float32)
                                                   for h in output.hidden_states])}
-            if kind != "step":
-                fetches["expert_index"] = [export(s.expert_index) for s in output.router_stats]
-                fetches["expert_kept"] = [tf.cast(export(s.kept), tf.bool)
-                                          for s in output.router_stats]
+            if kind != "step" and output.router_stats:
+                fetches["expert_index"] = tf.stack([export(s.expert_index)
+                                                    for s in output.router_stats])
+                fetches["expert_kept"] = tf.stack([tf.cast(export(s.kept), tf.bool)
+                                                   for s in output.router_stats])
             updates = []
             if kind == "prefill":
                 for layer, present in enumerate(output.presents):
@@ -323,13 +346,12 @@ class _Program:
                             _export_ordered(lowering, tensor, _CACHE_ORDER)))
             self._names = list(fetches)
             fetch_list = [fetches[name] for name in self._names]
-            if updates:
-                # A step's write may land while its own cache read runs: harmless, the
-                # attention only uses cache slots < position (its own key comes separately).
-                fetch_list.append(tf.group(updates))
+            # A step's write may land while its own cache read runs: harmless, the
+            # attention only uses cache slots < position (its own key comes separately).
+            targets = [tf.group(updates)] if updates else []
             predictor._restore(lowering)
-        self.fetch_list, self.feed_list = fetch_list, feeds
-        self._run = predictor._session.make_callable(fetch_list, feed_list=feeds)
+        self.fetch_list, self.targets, self.feed_list = fetch_list, targets, feeds
+        self._run = _callable(predictor._session, fetch_list, targets, feeds)
         self._has_spout = spout
 
     def run(self, ids, precontext, spout, position=None):
@@ -338,10 +360,27 @@ class _Program:
             args.append(spout)
         if position is not None:
             args.append(np.int32(position))
-        values = self._run(*args)
-        result = dict(zip(self._names, values[:len(self._names)]))
-        result["hidden_states"] = list(result["hidden_states"])
+        result = dict(zip(self._names, self._run(*args)))
+        for name in ("hidden_states", "expert_index", "expert_kept"):
+            if name in result:
+                result[name] = list(result[name])
         return result
+
+
+def _callable(session, fetches, targets, feeds):
+    """A function(*feed values) -> fetch values running one fixed step of `session`.
+
+    `Session.make_callable` re-enters the generic `Session.run` whenever there are feeds
+    (about 0.3 ms per call); the session's callable-from-options path (the pinned TF 1.x API
+    that Keras' backend used) skips it, which matters for one-token decoding steps.
+    """
+    options = config_pb2.CallableOptions()
+    options.feed.extend(t.name for t in feeds)
+    options.fetch.extend(t.name for t in fetches)
+    options.target.extend(op.name for op in targets)
+    run = session._make_callable_from_options(options)  # pylint: disable=protected-access
+    dtypes = [t.dtype.as_numpy_dtype for t in feeds]
+    return lambda *values: run(*(np.asarray(v, d) for v, d in zip(values, dtypes)))
 
 
 _CACHE_ORDER = (meshlib.MEMORY, meshlib.BATCH, meshlib.HEADS, meshlib.HEAD_DIM)

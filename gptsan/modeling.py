@@ -82,7 +82,7 @@ def variable_shapes(config):
 
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
-                variable_dtype=None, past=None, unsplit_model=False):
+                variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -101,6 +101,7 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
       unsplit_model: inference on a mesh whose model dimension is 1 (heads and experts are
         whole on every slice): enables the per-expert gather/scatter path (see
         `switch.switch_ffn`) and one-matmul output projections.
+      routing_group_size: optional Switch routing group size (see `switch.switch_ffn`).
     Returns:
       ModelOutput.
     """
@@ -175,7 +176,8 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         if layer < config.num_switch_layers:
             with tf.variable_scope(f"model/moe{layer}"):
                 y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype,
-                                                  local_experts=unsplit_model)
+                                                  local_experts=unsplit_model,
+                                                  group_size=routing_group_size)
             aux_loss += loss
             stats.append(layer_stats)
         else:

@@ -46,7 +46,7 @@ def expert_capacity(group_size, num_experts, train):
     return max(min(group_size, int(group_size * factor / num_experts)), MIN_EXPERT_CAPACITY)
 
 
-def switch_ffn(x, config, train, variable_dtype, local_experts=False):
+def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size=None):
     """Switch FFN of one layer (call inside the layer's `moe{i}` variable scope).
 
     Args:
@@ -56,6 +56,9 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False):
       variable_dtype: mtf.VariableDType.
       local_experts: inference only: the layout does not split the experts (mesh model
         size 1), so each expert may run on exactly its tokens (no one-hot dispatch).
+      group_size: route in groups of this many token slots (the last group padded)
+        instead of the published split of this call's tokens: a prompt prefilled alone
+        then routes exactly as at the start of the longer padded sequence it stands for.
     Returns:
       (y [batch, length, d_model], aux_loss scalar float32, RouterStats)
     """
@@ -64,7 +67,10 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False):
     experts_dim = mtf.Dimension(meshlib.EXPERTS, config.num_experts)
     hidden_dim = mtf.Dimension(meshlib.MOE_HIDDEN, config.num_moe_hidden)
     num_tokens = batch_dim.size * length_dim.size
-    num_groups, group_size = split_into_groups(num_tokens)
+    if group_size is None:
+        num_groups, group_size = split_into_groups(num_tokens)
+    else:
+        num_groups = -(-num_tokens // group_size)
     padding = num_groups * group_size - num_tokens
     groups_dim = mtf.Dimension(meshlib.GROUPS, num_groups)
     group_dim = mtf.Dimension(meshlib.GROUP, group_size)

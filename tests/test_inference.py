@@ -43,6 +43,30 @@ def test_reorder_cache_moves_rows(tiny_predictor):
         tiny_predictor.step([1, 2, 3])
 
 
+def test_prefill_routed_as_the_padded_pass(tiny_predictor):
+    """routing_length: a 12-token prompt prefilled alone routes like the first 12 tokens of the
+    48-token right-padded pass (capacity 24 per expert, not 6), so its outputs equal that
+    pass's; without it, this repetitive prompt overflows an expert."""
+    ids = np.full([1, 12], 7)
+    padded = np.concatenate([ids, np.full([1, CTX - 12], VOCAB - 1)], 1)
+    full = tiny_predictor.forward(padded)
+    alone = tiny_predictor.prefill(ids)
+    assert not all(kept.all() for kept in alone["expert_kept"])  # the case this is about
+    routed = tiny_predictor.prefill(ids, routing_length=CTX)
+    scale = np.abs(full["logits"]).max()
+    np.testing.assert_allclose(routed["logits"], full["logits"][:, :12], atol=1e-5 * scale)
+    for ours, theirs in zip(routed["expert_kept"], full["expert_kept"]):
+        np.testing.assert_array_equal(ours, theirs[:, :12])
+    with pytest.raises(GPTSANError, match="routing_length=8 needs batch 1 and 12 <= "):
+        tiny_predictor.prefill(ids, routing_length=8)
+    with pytest.raises(GPTSANError, match="needs batch 1"):
+        tiny_predictor.prefill(np.tile(ids, [2, 1]), routing_length=CTX)
+    tiny_predictor.rewind(5)
+    assert tiny_predictor.cache_length == 5
+    with pytest.raises(GPTSANError, match="rewind length 6 is out of range 1..5"):
+        tiny_predictor.rewind(6)
+
+
 def test_step_until_the_cache_is_full(tiny_predictor):
     ids = random_ids(np.random.default_rng(5), 1, CTX - 1)
     tiny_predictor.prefill(ids)
