@@ -30,10 +30,7 @@ def parse_args(argv):
     p.add_argument("--beam_width", type=int, default=1, help="> 1: beam search")
     p.add_argument("--max_generate", type=int, default=300, help="max tokens to generate")
     p.add_argument("--num_generate", type=int, default=1, help="number of texts to generate")
-    p.add_argument("--spout", default="none",
-                   help="none | uniform | zeros | class id | vector file (.npy / .json)")
-    p.add_argument("--spout_mode", default="onehot", choices=gen.SPOUT_MODES,
-                   help="how a class id becomes a spout (the run_train.py --spout_vector used)")
+    gen.add_spout_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--output", default="", help="write texts, token ids and scores to this JSON")
     p.add_argument("--force", action="store_true", help="overwrite --output")

@@ -1,7 +1,8 @@
 """Fills [MASK] marks with a GPTSAN model and extracts its internal vectors.
 
     python run_languagemodel.py --model DIR --context "武田信玄は、[MASK]時代の武将" \
-        [--mask "[MASK]"] [--pos_vector -1] [--output OUT.json [--force]] [--vectors_all V.npy]
+        [--mask "[MASK]"] [--pos_vector -1] [--spout none|uniform|zeros|ID|FILE]
+        [--output OUT.json [--force]] [--vectors_all V.npy]
 
 Input `SOT piece MSK piece ...` is read bidirectionally (hybrid/mlm models); as in the
 published script the logits at position i predict token i+1 (shifted MLM). Prints the filled
@@ -10,7 +11,8 @@ vector: the hidden state of every layer at `--pos_vector` (published default -1:
 input token), concatenated (`layers * d` numbers). `--output` writes the published JSON keys
 output_text, output_tokens, output_scores, output_vector, input_text, input_tokens (+ new:
 output_logprobs, vector_shape, pos_vector); `--vectors_all` saves every position's vectors as
-a float32 array [positions, layers, d].
+a float32 array [positions, layers, d]. `--spout` conditions the fill on a class as in
+run_generate.py (the spout slot comes before SOT and is part of the bidirectional prefix).
 """
 
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
@@ -24,6 +26,8 @@ def parse_args(argv):
     p.add_argument("--mask", default="[MASK]", help="the mask marker in --context")
     p.add_argument("--pos_vector", type=int, default=-1,
                    help="token position to pull the internal vector from (-1: the last token)")
+    gen.add_spout_arguments(p)
+    p.add_argument("--seed", type=int, default=None, help="seed of --spout uniform")
     p.add_argument("--output", default="", help="output JSON file")
     p.add_argument("--force", action="store_true", help="overwrite --output / --vectors_all")
     p.add_argument("--vectors_all", default="", help="save all positions' vectors (.npy)")
@@ -47,15 +51,18 @@ def main(argv=None):
     special = gen.SpecialTokens.from_encoder(encoder)
     pieces = [encoder.encode(piece) for piece in args.context.split(args.mask)]
     input_tokens = gen.mask_fill_inputs(special, pieces)
-    if len(input_tokens) > config.model.num_contexts:
+    spout = gen.parse_spout(args.spout, config.model.num_spout, args.seed, args.spout_mode)
+    limit = config.model.num_contexts - (0 if spout is None else 1)
+    if len(input_tokens) > limit:
         raise GPTSANError(f"the input is {len(input_tokens)} tokens (with SOT) but the model "
-                          f"takes at most {config.model.num_contexts}; shorten the context")
+                          f"takes at most {limit}{' with a spout' if spout is not None else ''}"
+                          "; shorten the context")
     if len(input_tokens) < 2:
         raise GPTSANError("the context encodes to no tokens")
     pos = gen.resolve_position(args.pos_vector, len(input_tokens))
     predictor = gen.open_predictor(args.model, batch_size=1, mesh_shape=args.mesh_shape)
     result = gen.fill_mask(predictor, special, input_tokens,
-                           bidirectional=config.model.train_mode != "lm")
+                           bidirectional=config.model.train_mode != "lm", spout=spout)
     vector = result.vectors[pos]  # [layers, d]
     text = encoder.decode(result.output_tokens)
 
@@ -81,6 +88,7 @@ def main(argv=None):
             "output_logprobs": result.output_logprobs,
             "vector_shape": list(vector.shape),
             "pos_vector": pos,
+            "spout": args.spout,
         })
     return 0
 

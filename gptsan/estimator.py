@@ -514,7 +514,8 @@ def check_resumable(stored, model, ignore_names, optimizer, model_dir):
     if missing:
         raise GPTSANError(f"{model_dir} has no optimizer state for {missing[0]} (+{len(missing) - 1}"
                           " more): it was frozen in that run; resume with the same "
-                          "--ignore_parameters")
+                          "--ignore_parameters, or train into a new --model_dir with "
+                          f"--init_checkpoint {model_dir}")
 
 
 def check_ignore_names(names, model):

@@ -545,15 +545,17 @@ def mask_fill_inputs(special, pieces_ids):
     return tokens
 
 
-def fill_mask(predictor, special, input_tokens, bidirectional=True):
+def fill_mask(predictor, special, input_tokens, bidirectional=True, spout=None):
     """Shifted MLM: logits at position i predict token i+1; MSK positions take the argmax.
 
     `bidirectional`: the whole input is the prefix (hybrid/mlm models; training writes
-    num_input = len(SOT + prefix)); False for lm-only models (published: num_precontext 0).
+    num_input = len(SOT + prefix), plus the spout slot with a spout); False for lm-only
+    models (published: num_precontext 0). `spout`: None or float32 [num_spout].
     """
     ids = np.asarray(input_tokens, np.int32)[None]  # [1, s]
-    num_precontext = np.array([len(input_tokens) if bidirectional else 0], np.int32)
-    out = predictor.forward(ids, num_precontext=num_precontext)
+    slots = len(input_tokens) + (0 if spout is None else 1)
+    num_precontext = np.array([slots if bidirectional else 0], np.int32)
+    out = predictor.forward(ids, num_precontext=num_precontext, spout=spout)
     logits = np.asarray(out["logits"][0], np.float64)  # [s, vocab]
     output_tokens, scores, logprobs = [], [], []
     for i in range(len(input_tokens) - 1):
@@ -567,6 +569,15 @@ def fill_mask(predictor, special, input_tokens, bidirectional=True):
         logprobs.append(float(log_softmax(logits[i])[target]))
     vectors = np.stack([np.asarray(h[0]) for h in out["hidden_states"]], axis=1)  # [s, L, d]
     return FillResult(list(map(int, input_tokens)), output_tokens, scores, logprobs, vectors)
+
+
+def add_spout_arguments(parser):
+    """The --spout / --spout_mode flags shared by run_generate.py and run_languagemodel.py."""
+    parser.add_argument("--spout", default="none",
+                        help="none | uniform | zeros | class id | vector file (.npy / .json)")
+    parser.add_argument("--spout_mode", default="onehot", choices=SPOUT_MODES,
+                        help="how a class id becomes a spout (the run_train.py --spout_vector "
+                             "used)")
 
 
 def resolve_position(pos, length):

@@ -119,14 +119,18 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
         self._correction1 = 1.0 - mtf.exp(step * math.log(beta1))
         self._correction2 = 1.0 - mtf.exp(step * math.log(beta2))
 
+    @staticmethod
+    def slots(var):
+        """The (m, v) slot variables of `var` (created on first use)."""
+        return [mtf.get_variable(var.mesh, var.name + suffix, var.shape, dtype=tf.float32,
+                                 initializer=tf.zeros_initializer(), trainable=False)
+                for suffix in ADAM_SLOT_SUFFIXES]
+
     def apply_grad(self, grad, var):
         if grad is None:
             return []
         grad = mtf.cast(grad, tf.float32)
-        m = mtf.get_variable(var.mesh, var.name + ADAM_SLOT_SUFFIXES[0], var.shape,
-                             dtype=tf.float32, initializer=tf.zeros_initializer(), trainable=False)
-        v = mtf.get_variable(var.mesh, var.name + ADAM_SLOT_SUFFIXES[1], var.shape,
-                             dtype=tf.float32, initializer=tf.zeros_initializer(), trainable=False)
+        m, v = self.slots(var)
         next_m = m * self.beta1 + grad * (1.0 - self.beta1)
         next_v = v * self.beta2 + mtf.square(grad) * (1.0 - self.beta2)
         m_hat, v_hat = next_m / self._correction1, next_v / self._correction2
@@ -152,6 +156,20 @@ def make_optimizer(name, mesh, learning_rate, global_step, weight_decay=DEFAULT_
         return mtf.optimize.AdafactorOptimizer(multiply_by_parameter_scale=False,
                                                learning_rate=tf.cast(learning_rate, tf.float32))
     raise GPTSANError(f"unknown optimizer {name!r}; expected adam or adafactor")
+
+
+def create_slots(optimizer, var):
+    """Creates `var`'s optimizer slots without updating it.
+
+    For variables without a gradient in this run (the spout's `pasts/*` under
+    `--spout_vector none`): every checkpoint then holds every slot, so a run can resume with
+    or without a spout. mtf's Adafactor has no slot-only API: its update for a zero gradient
+    is built for the slots it creates and then dropped (nothing ever runs it).
+    """
+    if isinstance(optimizer, AdamWeightDecay):
+        optimizer.slots(var)
+    else:
+        optimizer.apply_grad(mtf.zeros_like(var.outputs[0]), var)
 
 
 class TrainOps:
@@ -199,4 +217,7 @@ def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradi
     optimizer = make_optimizer(train_config.optimizer, mesh, learning_rate, global_step,
                                weight_decay=train_config.weight_decay)
     update_ops = optimizer.apply_grads(grads, trainable)
+    for grad, var in zip(grads, trainable):
+        if grad is None:
+            create_slots(optimizer, var)
     return TrainOps(update_ops, learning_rate, norm, trainable, frozen)

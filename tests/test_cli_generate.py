@@ -114,6 +114,26 @@ def test_languagemodel_fills_masks_and_extracts_vectors(model_dir, tmp_path):
                                [logits[i, tokens[i + 1]] for i in plain], atol=1e-4)
 
 
+def test_languagemodel_with_a_spout(model_dir, tmp_path):
+    out = tmp_path / "spout.json"
+    result = _run(LANGUAGEMODEL, "--model", model_dir, "--context", "織田[MASK]は武将",
+                  "--spout", "1", "--output", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    _, config = gen.open_model_files(model_dir)
+    spout = gen.parse_spout("1", config.model.num_spout)
+    tokens = data["input_tokens"]
+    predictor = gen.open_predictor(model_dir)
+    # the spout slot is part of the bidirectional prefix: num_precontext = 1 + tokens
+    forward = predictor.forward(np.array([tokens]), num_precontext=len(tokens) + 1, spout=spout)
+    expected = np.stack([h[0, -1] for h in forward["hidden_states"]])  # [layers, d]
+    np.testing.assert_allclose(np.reshape(data["output_vector"], expected.shape), expected,
+                               atol=1e-5)
+    plain = predictor.forward(np.array([tokens]), num_precontext=len(tokens))
+    assert np.abs(plain["hidden_states"][-1][0, -1] - expected[-1]).max() > 1e-3
+    assert data["spout"] == "1"
+
+
 def _bad(script, *args):
     result = _run(script, *args)
     assert result.returncode == 2, (result.stdout, result.stderr)
@@ -135,6 +155,7 @@ def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
     assert "invalid int" in _bad(GENERATE, *base, "--context", "あ", "--top_k", "abc")
     assert "out of range" in _bad(LANGUAGEMODEL, *base, "--context", "あい", "--pos_vector", "9")
     assert "empty" in _bad(LANGUAGEMODEL, *base, "--context", "")
+    assert "unknown spout" in _bad(LANGUAGEMODEL, *base, "--context", "あ", "--spout", "x")
     empty_dir = tmp_path / "not_a_model"
     empty_dir.mkdir()
     assert "not a GPTSAN model" in _bad(GENERATE, "--model", empty_dir, "--context", "あ")

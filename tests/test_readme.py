@@ -35,6 +35,23 @@ def test_readme_has_commands_for_every_task():
             "scripts/show_tfrecord.py", "scripts/build_vocab.py"} <= scripts
 
 
+def test_readme_flag_table_matches_the_clis():
+    """The "Every CLI flag" table is exactly what scripts/readme_flags.py prints now."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        from readme_flags import HEADER, flag_table
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = lines.index(HEADER[0])
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    assert lines[start:end] == flag_table(), (
+        "README flag table is stale: python scripts/readme_flags.py and paste it")
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "models", "demo")),
                     reason="models/demo is not built (make demo-model)")
 def test_every_readme_command_runs():

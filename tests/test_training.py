@@ -185,6 +185,30 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(work, tmp_path):
                                    err_msg=name)
 
 
+def test_resume_after_switching_the_spout_on_and_off(work, tmp_path):
+    """A run without a spout still writes the spout's optimizer slots (never updating it), so
+    the same model dir resumes with a spout, and back."""
+    model_dir = str(tmp_path / "switch")
+
+    def run(steps, spout):
+        args = common_args(work, "lm", model_dir, steps=steps)
+        args[args.index("--spout_vector") + 1] = spout
+        args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
+        return run_train(*args)
+
+    run(2, "none")
+    plain = read_variables(model_dir)
+    assert "pasts/out/kernel/adam_m" in plain and not plain["pasts/out/kernel/adam_m"].any()
+    assert run(4, "onehot")[0][0] == 3  # resumed at step 3
+    with_spout = read_variables(model_dir)
+    assert not np.array_equal(plain["pasts/out/kernel"], with_spout["pasts/out/kernel"])
+    run(5, "none")
+    again = read_variables(model_dir)
+    for name in ("pasts/out/kernel", "pasts/out/kernel/adam_m", "pasts/mlp0/kernel"):
+        np.testing.assert_array_equal(again[name], with_spout[name], err_msg=name)
+    assert not np.array_equal(again["model/wte"], with_spout["model/wte"])
+
+
 def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
     from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir
 
