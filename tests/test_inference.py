@@ -130,14 +130,15 @@ def test_bad_model_directories(hf_tiny, tmp_path):
         Predictor(str(mismatched))
 
 
-def test_bfloat16_predictor_runs_close_to_float32(hf_tiny, tiny_predictor):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_predictor_runs_close_to_float32(hf_tiny, tiny_predictor, dtype):
     ids = random_ids(np.random.default_rng(2), 2, 12)
     reference = tiny_predictor.forward(ids)["logits"]
-    with Predictor(hf_tiny.model_dir, dtype="bfloat16") as predictor:
+    with Predictor(hf_tiny.model_dir, dtype=dtype) as predictor:
         logits = predictor.forward(ids)["logits"]
         predictor.prefill(ids[:, :8])
         step = predictor.step(ids[:, 8])["logits"]
     scale = np.abs(reference).max()
     assert logits.dtype == np.float32 and np.isfinite(step).all()
-    assert np.abs(logits - reference).max() < 0.1 * scale  # bf16 rounding only
+    assert np.abs(logits - reference).max() < 0.1 * scale  # rounding only
     assert np.abs(step - reference[:, 8]).max() < 0.2 * scale
