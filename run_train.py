@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 
+from gptsan import fileio
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -65,9 +66,9 @@ def load_config(args):
     from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 
     candidates = [args.parameter_file] if args.parameter_file else [
-        os.path.join(d, PARAMETERS_FILE) for d in (args.model_dir, args.init_checkpoint)
-        if d and os.path.isdir(d)]
-    path = next((p for p in candidates if os.path.isfile(p)), None)
+        fileio.join(d, PARAMETERS_FILE) for d in (args.model_dir, args.init_checkpoint)
+        if d and fileio.isdir(d)]
+    path = next((p for p in candidates if fileio.isfile(p)), None)
     if path is None:
         raise GPTSANError(args.parameter_file and f"parameter file not found: {args.parameter_file}"
                           or "no --parameter_file given and no parameters.json in --model_dir "
@@ -80,7 +81,7 @@ def load_config(args):
     model_dir = args.model_dir or train.output_dir
     if not model_dir:
         raise GPTSANError("no output directory: pass --model_dir (or set train_params.output_dir)")
-    overrides["output_dir"] = os.path.abspath(model_dir)
+    overrides["output_dir"] = fileio.absolute(model_dir)
     return dataclasses.replace(config, train=dataclasses.replace(train, **overrides))
 
 
@@ -90,17 +91,17 @@ def find_vocabulary(args, model_dir):
     if args.vocabulary:
         vocab = args.vocabulary
     else:
-        places = [model_dir, args.init_checkpoint if os.path.isdir(args.init_checkpoint or "")
+        places = [model_dir, args.init_checkpoint if fileio.isdir(args.init_checkpoint or "")
                   else "", ROOT]
-        found = [os.path.join(p, VOCAB_FILE) for p in places
-                 if p and os.path.isfile(os.path.join(p, VOCAB_FILE))]
+        found = [fileio.join(p, VOCAB_FILE) for p in places
+                 if p and fileio.isfile(fileio.join(p, VOCAB_FILE))]
         if not found:
             raise GPTSANError("no vocabulary found: pass --vocabulary (ja-swe36k.txt)")
         vocab = found[0]
-    emoji = args.emoji or os.path.join(os.path.dirname(os.path.abspath(vocab)), EMOJI_FILE)
-    if args.emoji and not os.path.isfile(emoji):
+    emoji = args.emoji or fileio.join(fileio.dirname(vocab), EMOJI_FILE)
+    if args.emoji and not fileio.isfile(emoji):
         raise GPTSANError(f"emoji file not found: {emoji}")
-    return vocab, emoji if os.path.isfile(emoji) else None
+    return vocab, emoji if fileio.isfile(emoji) else None
 
 
 def main(argv=None):

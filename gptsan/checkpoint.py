@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from gptsan.config import PARAMETERS_FILE, SPOUT_DEPTH, GPTSANConfig, ModelConfig, TrainConfig
 from gptsan.errors import GPTSANError
+from gptsan import fileio
 from gptsan.fileio import read_json
 
 VOCAB_FILE = "ja-swe36k.txt"  # vocabulary copy inside a model directory (DESIGN.md)
@@ -395,19 +396,19 @@ def find_checkpoint(path):
     """Checkpoint prefix for a model directory (latest checkpoint) or a prefix path."""
     from gptsan.compat import tf
 
-    if os.path.isdir(path):
+    if fileio.isdir(path):
         prefix = tf.train.latest_checkpoint(path)
-        if prefix and os.path.exists(prefix + ".index"):
+        if prefix and fileio.exists(prefix + ".index"):
             return prefix
         # No usable `checkpoint` index file (e.g. copied from another machine): take the
         # highest-numbered `*.index` in the directory.
-        candidates = [f[:-len(".index")] for f in os.listdir(path) if f.endswith(".index")]
+        candidates = [f[:-len(".index")] for f in fileio.listdir(path) if f.endswith(".index")]
         if not candidates:
             raise GPTSANError(f"no TF checkpoint in {path} (expected a 'checkpoint' file and "
                               f"{CHECKPOINT_BASENAME}-<step>.index)")
         best = max(candidates, key=lambda p: (_step_of(p), p))
-        return os.path.join(path, best)
-    if os.path.exists(path + ".index"):
+        return fileio.join(path, best)
+    if fileio.exists(path + ".index"):
         return path
     raise GPTSANError(f"{path} is neither a model directory nor a TF checkpoint prefix")
 
@@ -428,7 +429,7 @@ def read_tf_checkpoint(path, progress=False):
 
     prefix = find_checkpoint(path)
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        reader = tf.train.NewCheckpointReader(prefix)
         names = sorted(n for n in reader.get_variable_to_shape_map() if _TF_NAME_PATTERN.match(n))
         variables = {}
         for name in tqdm(names, desc="reading", unit="var", disable=not progress):

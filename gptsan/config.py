@@ -9,9 +9,9 @@ The JSON keeps the published layout and key names:
 """
 import dataclasses
 import json
-import os
 
 from gptsan.errors import GPTSANError
+from gptsan import fileio
 from gptsan.fileio import read_json, write_text_atomic
 
 PARAMETERS_FILE = "parameters.json"  # the config file inside a model directory
@@ -123,8 +123,8 @@ class GPTSANConfig:
     @classmethod
     def from_json_file(cls, path):
         """Loads a `parameters.json` (or a model directory containing one)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, PARAMETERS_FILE)
+        if fileio.isdir(path):
+            path = fileio.join(path, PARAMETERS_FILE)
         return cls.from_dict(read_json(path, "config file"), source=path)
 
     def to_dict(self):

@@ -9,12 +9,12 @@ optimizer slots and `global_step`, so a killed run resumes where its last checkp
 """
 import math
 import os
-import shutil
 import time
 import zlib
 
 from tqdm import tqdm
 
+from gptsan import fileio
 from gptsan import mesh as mesh_lib
 from gptsan import optimization
 from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE, expected_variable_shapes, find_checkpoint
@@ -115,9 +115,13 @@ class TrainSetup:
         self.init_checkpoint = init_checkpoint  # a checkpoint path to start a fresh run from
         self.summaries = summaries and not use_tpu
 
-    @property
-    def loss_scale(self):
-        return optimization.MIXED_PRECISION_LOSS_SCALE if self.dtype == "float16" else 1.0
+    def make_loss_scale(self):
+        """float16: a DynamicLossScale (adam) or the published fixed scale (adafactor); else 1."""
+        if self.dtype != "float16":
+            return 1.0
+        if self.config.train.optimizer == "adam":
+            return optimization.DynamicLossScale()
+        return optimization.MIXED_PRECISION_LOSS_SCALE
 
 
 def model_fn_builder(setup):
@@ -172,14 +176,21 @@ def model_fn_builder(setup):
             aux_loss = mtf.zeros(mesh, mtf.Shape([]), tf.float32)
         aux_loss = mtf.cast(aux_loss, tf.float32)
         loss = cross_entropy + aux_loss * AUX_LOSS_WEIGHT
+        loss_scale = setup.make_loss_scale()
         train_ops = optimization.build_train_ops(
             loss, setup.config.train, global_step, ignore_names=setup.ignore_names,
-            clip_gradients=setup.clip_gradients, loss_scale=setup.loss_scale,
+            clip_gradients=setup.clip_gradients, loss_scale=loss_scale,
             order_updates=not setup.use_tpu)
 
         lowering = mtf.Lowering(graph, {mesh: mesh_impl})
         tf_loss = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
         tf_update_ops = [lowering.lowered_operation(op) for op in train_ops.update_ops]
+        if train_ops.finite is not None:
+            tf_finite = lowering.export_to_tf_tensor(train_ops.finite)
+            with tf.control_dependencies(tf_update_ops):  # the step used the old scale
+                tf_update_ops.append(loss_scale.update(tf_finite))
+            if setup.summaries:
+                tf.summary.scalar("train/loss_scale", loss_scale.scale)
         with tf.control_dependencies(tf_update_ops):
             train_op = tf.assign_add(global_step, 1)
         tf.add_to_collection(LOSS_COLLECTION, tf_loss)
@@ -337,10 +348,10 @@ class ProgressBar(tf.train.SessionRunHook):
 
 def latest_global_step(model_dir):
     """global_step of the newest checkpoint in `model_dir` (0 when there is none)."""
-    path = tf.train.latest_checkpoint(model_dir) if model_dir and os.path.isdir(model_dir) else None
+    path = tf.train.latest_checkpoint(model_dir) if model_dir and fileio.isdir(model_dir) else None
     if not path:
         return 0
-    return int(tf.train.load_checkpoint(path).get_tensor(tf.GraphKeys.GLOBAL_STEP))
+    return int(tf.train.NewCheckpointReader(path).get_tensor(tf.GraphKeys.GLOBAL_STEP))
 
 
 def resumable_input_fn(input_fn, start_step):
@@ -453,8 +464,7 @@ def check_records(files, num_contexts):
 def vocabulary_size(path):
     """Entries of a ja-swe vocabulary file (`read().split('\\n')`, DESIGN.md)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return len(f.read().split("\n"))
+        return len(fileio.read_text(path).split("\n"))
     except FileNotFoundError:
         raise GPTSANError(f"vocabulary file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -463,13 +473,13 @@ def vocabulary_size(path):
 
 def checkpoint_shapes(path):
     """{name: shape} of the newest checkpoint in a directory / of a prefix; None when absent."""
-    if os.path.isdir(path) and not tf.train.latest_checkpoint(path) and not any(
-            f.endswith(".index") for f in os.listdir(path)):
+    if fileio.isdir(path) and not tf.train.latest_checkpoint(path) and not any(
+            f.endswith(".index") for f in fileio.listdir(path)):
         return None
     prefix = find_checkpoint(path)
     try:
         return {n: tuple(s) for n, s in
-                tf.train.load_checkpoint(prefix).get_variable_to_shape_map().items()}
+                tf.train.NewCheckpointReader(prefix).get_variable_to_shape_map().items()}
     except tf.errors.OpError as err:
         raise GPTSANError(f"cannot read checkpoint {prefix}: "
                           f"{err.message.splitlines()[0]}") from None
@@ -553,26 +563,26 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
     """
     model, train = config.model, config.train
     model_dir = train.output_dir
-    if init_checkpoint and os.path.abspath(init_checkpoint) == os.path.abspath(model_dir):
+    if init_checkpoint and fileio.absolute(init_checkpoint) == fileio.absolute(model_dir):
         raise GPTSANError("--init_checkpoint must differ from --model_dir (the output directory)")
     files = find_input_files(input_files)
     check_records(files, model.num_contexts)
     model.validate_vocabulary(vocabulary_size(vocabulary), source=vocabulary)
     check_ignore_names(ignore_names, model)
-    existing_params = os.path.join(model_dir, PARAMETERS_FILE)
-    if (os.path.isfile(existing_params)
+    existing_params = fileio.join(model_dir, PARAMETERS_FILE)
+    if (fileio.isfile(existing_params)
             and GPTSANConfig.from_json_file(existing_params).model != model):
         raise GPTSANError(f"{model_dir} holds a different model (its {PARAMETERS_FILE} differs "
                           "from the parameter file); choose another --model_dir")
-    stored = checkpoint_shapes(model_dir) if os.path.isdir(model_dir) else None
+    stored = checkpoint_shapes(model_dir) if fileio.isdir(model_dir) else None
     if stored is not None:  # resume: the init checkpoint is not used
         check_checkpoint_shapes(stored, model, model_dir)
         check_resumable(stored, model, ignore_names, train.optimizer, model_dir)
         return files, None
     if not init_checkpoint:
         return files, None
-    init_stored = checkpoint_shapes(init_checkpoint) if os.path.exists(init_checkpoint) or \
-        os.path.exists(init_checkpoint + ".index") else None
+    init_stored = checkpoint_shapes(init_checkpoint) if fileio.exists(init_checkpoint) or \
+        fileio.exists(init_checkpoint + ".index") else None
     if init_stored is None:
         raise GPTSANError(f"no checkpoint in --init_checkpoint {init_checkpoint}")
     check_checkpoint_shapes(init_stored, model, init_checkpoint)
@@ -582,12 +592,10 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
 def write_model_dir(config, vocabulary, emoji=None):
     """Creates the output directory with parameters.json and vocabulary/emoji copies (atomic)."""
     model_dir = config.train.output_dir
-    os.makedirs(model_dir, exist_ok=True)
-    if not os.path.exists(os.path.join(model_dir, PARAMETERS_FILE)):
-        config.to_json_file(os.path.join(model_dir, PARAMETERS_FILE))
+    fileio.makedirs(model_dir)
+    if not fileio.exists(fileio.join(model_dir, PARAMETERS_FILE)):
+        config.to_json_file(fileio.join(model_dir, PARAMETERS_FILE))
     for source, name in ((vocabulary, VOCAB_FILE), (emoji, EMOJI_FILE)):
-        target = os.path.join(model_dir, name)
-        if source and not os.path.exists(target):
-            tmp = f"{target}.tmp-{os.getpid()}"
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+        target = fileio.join(model_dir, name)
+        if source and not fileio.exists(target):
+            fileio.copy_file_atomic(source, target)

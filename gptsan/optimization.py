@@ -8,6 +8,9 @@ Name rules (DESIGN.md checkpoint names; unit-tested in tests/test_optimization.p
   dense bias (`.../bias`) and the output-logit bias `model/wob`;
 * variables named in an ignore list (the published `ignore-params.json`) are frozen: they get no
   gradient, no update and no optimizer slot variables.
+
+float16 training scales the loss: by the published fixed 2^9, or (AdamW) dynamically
+(`DynamicLossScale`: a step whose gradients overflow is skipped and the scale halved).
 """
 import math
 import re
@@ -22,6 +25,8 @@ ADAM_EPSILON = 1e-8  # published optimization.py
 DEFAULT_WEIGHT_DECAY = 0.01  # published AdamWeightDecayOptimizer(weight_decay_rate=0.01)
 CLIP_NORM = 1.0  # published clip_by_global_norm(clip_norm=1.0) behind --clip_gradients
 MIXED_PRECISION_LOSS_SCALE = 2.0 ** 9  # published grad_scale with --use_mixed_precision
+DYNAMIC_SCALE_INITIAL = 2.0 ** 15  # dynamic fp16 loss scale: start (TF's LossScaleOptimizer)
+DYNAMIC_SCALE_GROWTH_STEPS = 2000  # ... doubled after this many finite steps (TF's default)
 NO_DECAY_LEAF_NAMES = ("g", "b", "bias")  # LayerNorm gain/bias and dense biases
 NO_DECAY_VARIABLES = ("model/wob",)  # the output-logit bias has no "bias" leaf name
 ADAM_SLOT_SUFFIXES = ("/adam_m", "/adam_v")  # slot names of the published checkpoints
@@ -111,8 +116,9 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
     """
 
     def __init__(self, learning_rate, step, weight_decay=DEFAULT_WEIGHT_DECAY, beta1=ADAM_BETA1,
-                 beta2=ADAM_BETA2, epsilon=ADAM_EPSILON):
+                 beta2=ADAM_BETA2, epsilon=ADAM_EPSILON, apply=None):
         self.learning_rate = learning_rate
+        self.apply = apply  # optional float mtf scalar: 1 updates, 0 leaves weights and slots
         self.weight_decay = weight_decay
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
         # Bias corrections 1 - beta^t, as mtf scalars shared by every variable.
@@ -137,20 +143,25 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
         update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
         if self.weight_decay and uses_weight_decay(var.name):
             update += mtf.cast(var.value, tf.float32) * self.weight_decay
+        if self.apply is not None:  # a skipped step keeps everything as it was
+            next_m = m + (next_m - m) * self.apply
+            next_v = v + (next_v - v) * self.apply
+            update *= self.apply
         # assign_sub (not assign) keeps bf16 slices from being re-rounded every step (mtf note).
         return [mtf.assign_sub(var, update * self.learning_rate),
                 mtf.assign(m, next_m), mtf.assign(v, next_v)]
 
 
-def make_optimizer(name, mesh, learning_rate, global_step, weight_decay=DEFAULT_WEIGHT_DECAY):
+def make_optimizer(name, mesh, learning_rate, global_step, weight_decay=DEFAULT_WEIGHT_DECAY,
+                   apply=None):
     """`adam` (AdamWeightDecay) or `adafactor` (mtf's AdafactorOptimizer, absolute lr, no decay).
 
-    `learning_rate`, `global_step`: TF scalars.
+    `learning_rate`, `global_step`: TF scalars; `apply`: see AdamWeightDecay (adam only).
     """
     if name == "adam":
         mtf_lr = mtf.import_tf_tensor(mesh, tf.cast(learning_rate, tf.float32), [])
         step = mtf.import_tf_tensor(mesh, tf.cast(global_step, tf.float32) + 1.0, [])
-        return AdamWeightDecay(mtf_lr, step, weight_decay=weight_decay)
+        return AdamWeightDecay(mtf_lr, step, weight_decay=weight_decay, apply=apply)
     if name == "adafactor":
         # Absolute step size = our schedule (no parameter scaling); slots <var>_slot_v[r|c].
         return mtf.optimize.AdafactorOptimizer(multiply_by_parameter_scale=False,
@@ -172,15 +183,43 @@ def create_slots(optimizer, var):
         optimizer.apply_grad(mtf.zeros_like(var.outputs[0]), var)
 
 
+class DynamicLossScale:
+    """float16 loss scale that adapts (TF variables under `training/`, so it is checkpointed).
+
+    After the gradients are unscaled: if any is inf/NaN the step is skipped (weights and Adam
+    slots unchanged) and the scale halved (not below 1); after `growth_steps` finite steps
+    in a row it doubles. Call `update(finite)` with the step's TF bool after lowering.
+    """
+
+    def __init__(self, initial=DYNAMIC_SCALE_INITIAL, growth_steps=DYNAMIC_SCALE_GROWTH_STEPS):
+        self.growth_steps = growth_steps
+        with tf.variable_scope("training", reuse=tf.AUTO_REUSE):
+            self.scale = tf.get_variable("loss_scale", initializer=float(initial),
+                                         trainable=False)
+            self.good_steps = tf.get_variable("loss_scale_good_steps", shape=[],
+                                              dtype=tf.int64, trainable=False,
+                                              initializer=tf.zeros_initializer())
+
+    def update(self, finite):
+        """TF op: the next scale and good-step count after a step with `finite` gradients."""
+        grow = self.good_steps + 1 >= self.growth_steps
+        scale = tf.where(finite, tf.where(grow, self.scale * 2.0, self.scale),
+                         tf.maximum(self.scale * 0.5, 1.0))
+        good = tf.where(tf.logical_and(finite, tf.logical_not(grow)), self.good_steps + 1,
+                        tf.zeros_like(self.good_steps))
+        return tf.group(self.scale.assign(scale), self.good_steps.assign(good))
+
+
 class TrainOps:
     """What `build_train_ops` returns: the mtf update ops plus scalars worth logging."""
 
-    def __init__(self, update_ops, learning_rate, grad_norm, trainable, frozen):
+    def __init__(self, update_ops, learning_rate, grad_norm, trainable, frozen, finite=None):
         self.update_ops = update_ops  # list of mtf Operations
         self.learning_rate = learning_rate  # TF float32 scalar
         self.grad_norm = grad_norm  # mtf float32 scalar (before clipping)
         self.trainable = trainable  # mtf Variables that are updated
         self.frozen = frozen  # mtf Variables that are left alone
+        self.finite = finite  # dynamic loss scale: mtf bool scalar, all gradients finite
 
 
 def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradients=False,
@@ -188,7 +227,8 @@ def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradi
     """Gradients of the mtf scalar `loss` and the optimizer updates for every non-frozen variable.
 
     `loss_scale` multiplies the loss before differentiation and divides the gradients after
-    (static loss scaling for float16 activations). AdamW's decay rate is
+    (float16 activations): a float (static), or a `DynamicLossScale` (adam only), with which
+    non-finite gradients become zeros and the step is skipped. AdamW's decay rate is
     `train_config.weight_decay` (the published runs used DEFAULT_WEIGHT_DECAY).
 
     `order_updates`: every update waits for ALL gradients (through the global norm, which
@@ -201,11 +241,20 @@ def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradi
     trainable, frozen = split_frozen(mesh.graph.trainable_variables, ignore_names)
     if not trainable:
         raise GPTSANError("--ignore_parameters freezes every variable: nothing left to train")
-    scaled = loss * loss_scale if loss_scale != 1.0 else loss
+    dynamic = isinstance(loss_scale, DynamicLossScale)
+    if dynamic and train_config.optimizer != "adam":
+        raise GPTSANError("dynamic loss scaling (float16) needs --optimizer adam")
+    scale = mtf.import_tf_tensor(mesh, loss_scale.scale, []) if dynamic else loss_scale
+    scaled = loss * scale if dynamic or loss_scale != 1.0 else loss
     grads = mtf.gradients([scaled], [v.outputs[0] for v in trainable])
-    if loss_scale != 1.0:
-        grads = [None if g is None else mtf.cast(g, tf.float32) * (1.0 / loss_scale)
-                 for g in grads]
+    if dynamic or loss_scale != 1.0:
+        inverse = mtf.reciprocal(scale) if dynamic else 1.0 / loss_scale
+        grads = [None if g is None else mtf.cast(g, tf.float32) * inverse for g in grads]
+    finite = apply = None
+    if dynamic:
+        finite = mtf.less(global_norm(grads), float("inf"))  # False for inf and NaN
+        grads = [None if g is None else _zero_unless(finite, g) for g in grads]
+        apply = mtf.cast(finite, tf.float32)
     if clip_gradients:
         grads, norm = clip_by_global_norm(grads, CLIP_NORM)
     else:
@@ -215,9 +264,16 @@ def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradi
     learning_rate = learning_rate_schedule(global_step, train_config.base_lr,
                                            train_config.num_warmup_steps)
     optimizer = make_optimizer(train_config.optimizer, mesh, learning_rate, global_step,
-                               weight_decay=train_config.weight_decay)
+                               weight_decay=train_config.weight_decay, apply=apply)
     update_ops = optimizer.apply_grads(grads, trainable)
     for grad, var in zip(grads, trainable):
         if grad is None:
             create_slots(optimizer, var)
-    return TrainOps(update_ops, learning_rate, norm, trainable, frozen)
+    return TrainOps(update_ops, learning_rate, norm, trainable, frozen, finite)
+
+
+def _zero_unless(condition, x):
+    """x where the bool mtf scalar `condition` holds, else zeros (also replaces inf/NaN)."""
+    return mtf.slicewise(lambda c, value: tf.where(c, value, tf.zeros_like(value)),
+                         [condition, x], output_shape=x.shape, output_dtype=x.dtype,
+                         splittable_dims=x.shape.dims, grad_function=0, name="zero_unless")

@@ -40,8 +40,13 @@ def test_learning_rate_schedule_values():
     assert values[40000] == pytest.approx(1 / 200.0)  # then 1 / sqrt(step)
 
 
-def _toy_step(tmp_path, optimizer="adam", ignore=(), clip=False, weight_decay=0.1, scale=1.0):
-    """One optimizer step on loss = sum_v sum(v * c_v); returns (before, after, grads, names)."""
+def _toy_step(tmp_path, optimizer="adam", ignore=(), clip=False, weight_decay=0.1, scale=1.0,
+              extra=None, coefficient_scale=1.0):
+    """One optimizer step on loss = sum_v sum(v * c_v); returns (before, after, grads, names).
+
+    `scale` may be a function making a DynamicLossScale in the new graph; then `extra` (a
+    dict) receives the loss scale, good-step count, Adam slots and `finite` after the step.
+    """
     tf.reset_default_graph()
     graph = mtf.Graph()
     mesh = mtf.Mesh(graph, "mesh")
@@ -54,18 +59,24 @@ def _toy_step(tmp_path, optimizer="adam", ignore=(), clip=False, weight_decay=0.
             variables[name] = mtf.get_variable(
                 mesh, leaf, mtf.Shape(dims),
                 initializer=tf.constant_initializer(rng.randn(*shape).astype(np.float32)))
-        coefficients[name] = rng.randn(*shape).astype(np.float32)
+        coefficients[name] = (rng.randn(*shape) * coefficient_scale).astype(np.float32)
     loss = mtf.add_n([mtf.reduce_sum(v * mtf.import_tf_tensor(mesh, tf.constant(coefficients[n]),
                                                               v.shape))
                       for n, v in variables.items()])
     config = TrainConfig(base_lr=0.01, num_warmup_steps=0, optimizer=optimizer,
                          weight_decay=weight_decay)
     global_step = tf.train.get_or_create_global_step()
+    loss_scale = scale() if callable(scale) else scale
     ops = optimization.build_train_ops(loss, config, global_step, ignore_names=ignore,
-                                       clip_gradients=clip, loss_scale=scale)
+                                       clip_gradients=clip, loss_scale=loss_scale)
     impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
     lowering = mtf.Lowering(graph, {mesh: impl})
     train_op = tf.group([lowering.lowered_operation(op) for op in ops.update_ops])
+    if ops.finite is not None:
+        finite = lowering.export_to_tf_tensor(ops.finite)
+        with tf.control_dependencies([train_op]):
+            train_op = tf.group(train_op, loss_scale.update(finite))
+        slot = [v for v in tf.global_variables() if v.name == "model/wte/adam_m:0"][0]
     tf_vars = {n: lowering.export_to_tf_tensor(v) for n, v in variables.items()}
     norm = lowering.export_to_tf_tensor(ops.grad_norm)
     names = [v.name for v in tf.global_variables()]
@@ -76,6 +87,9 @@ def _toy_step(tmp_path, optimizer="adam", ignore=(), clip=False, weight_decay=0.
         grad_norm = sess.run(norm)
         sess.run(train_op)
         after = sess.run(tf_vars)
+        if extra is not None:
+            extra.update(zip(("scale", "good_steps", "adam_m"),
+                             sess.run([loss_scale.scale, loss_scale.good_steps, slot])))
     return before, after, coefficients, names, grad_norm
 
 
@@ -103,6 +117,34 @@ def test_loss_scale_does_not_change_the_update(tmp_path):
                               scale=optimization.MIXED_PRECISION_LOSS_SCALE)
     for name in TOY_VARIABLES:
         np.testing.assert_allclose(plain[name], scaled[name], rtol=1e-6)
+
+
+def test_dynamic_loss_scale_applies_finite_steps_and_grows():
+    _, plain, *_ = _toy_step(None, weight_decay=0.0)
+    state = {}
+    _, scaled, *_ = _toy_step(None, weight_decay=0.0, extra=state,
+                              scale=lambda: optimization.DynamicLossScale(2.0 ** 10, 2))
+    for name in TOY_VARIABLES:
+        np.testing.assert_allclose(plain[name], scaled[name], rtol=1e-6)
+    assert state["scale"] == 2.0 ** 10 and state["good_steps"] == 1  # 1 of 2 finite steps
+    _toy_step(None, extra=state, scale=lambda: optimization.DynamicLossScale(2.0 ** 10, 1))
+    assert state["scale"] == 2.0 ** 11 and state["good_steps"] == 0  # grown
+
+
+def test_dynamic_loss_scale_skips_an_overflowing_step():
+    """Gradients of 1e30 scaled by 2^40 overflow float32 (as fp16 ones overflow at 65504):
+    nothing moves and the scale halves, where a fixed scale writes inf/NaN into the weights."""
+    state = {}
+    before, after, *_ = _toy_step(None, extra=state, coefficient_scale=1e30,
+                                  scale=lambda: optimization.DynamicLossScale(2.0 ** 40))
+    for name in TOY_VARIABLES:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    assert not state["adam_m"].any()
+    assert state["scale"] == 2.0 ** 39 and state["good_steps"] == 0
+    _, fixed, *_ = _toy_step(None, coefficient_scale=1e30, scale=2.0 ** 40)
+    assert not np.isfinite(fixed["model/wte"]).all()
+    with pytest.raises(GPTSANError, match="needs --optimizer adam"):
+        _toy_step(None, optimizer="adafactor", scale=optimization.DynamicLossScale)
 
 
 def test_frozen_variables_get_no_update_and_no_slots(tmp_path):

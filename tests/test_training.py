@@ -209,6 +209,35 @@ def test_resume_after_switching_the_spout_on_and_off(work, tmp_path):
     assert not np.array_equal(again["model/wte"], with_spout["model/wte"])
 
 
+def test_model_dir_in_a_bucket(work):
+    """--model_dir may be a URL (gs:// on TPUs): everything goes through tf.io.gfile. TF's
+    in-memory ram:// file system stands in for the bucket (it lives in this process)."""
+    from gptsan import fileio
+
+    model_dir = "ram://bucket/models/tiny"
+    args = common_args(work, "lm", model_dir, steps=2)
+    args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
+    run_train(*args)
+    assert {"parameters.json", "ja-swe36k.txt", "checkpoint"} <= set(fileio.listdir(model_dir))
+    assert latest_step(model_dir) == 2
+    args[args.index("--max_training_step") + 1] = "3"
+    assert run_train(*args)[0][0] == 3  # resumed from the bucket
+    assert not os.path.exists("ram:") and not os.path.exists(os.path.join(ROOT, "ram:"))
+
+
+def test_float16_training_keeps_a_dynamic_loss_scale(work, tmp_path):
+    from gptsan import optimization
+
+    model_dir = str(tmp_path / "fp16")
+    args = common_args(work, "lm", model_dir, steps=3)
+    args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
+    losses = run_train(*args, "--use_mixed_precision")
+    assert len(losses) == 3 and all(np.isfinite(v) for _, v in losses)
+    stored = read_variables(model_dir)
+    assert stored["training/loss_scale"] == optimization.DYNAMIC_SCALE_INITIAL
+    assert stored["training/loss_scale_good_steps"] == 3
+
+
 def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
     from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir
 
