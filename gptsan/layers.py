@@ -3,6 +3,7 @@ import math
 
 from gptsan.compat import mtf, tf
 
+
 def dense_initializer(fan_in):
     """Published mtf dense init: normal with stddev fan_in ** -0.5 (variance scaling 1.0)."""
     return tf.random_normal_initializer(stddev=fan_in ** -0.5)
@@ -14,9 +15,9 @@ def dense(x, w, output_dims, fused):
     fused (inference only, no gradient): one tf.matmul per slice on 2-D views, which oneDNN
     runs several times faster than an einsum on one-token inputs. It applies when the shared
     dims are x's last dims and w's first dims in the same order, and `output_dims` are x's
-    other dims then w's; the caller guarantees the shared dims are not split (dims named in
-    the layout rules are accepted only from callers that know the mesh keeps them whole,
-    e.g. the attention output on a model-size-1 mesh). Otherwise: mtf.einsum.
+    other dims then w's, and the caller knows the layout keeps the shared dims whole on every
+    slice (a per-slice matmul would miss the other slices' partial sums; a slice holding
+    part of them raises). Otherwise: mtf.einsum.
     """
     output_dims = list(output_dims)
     shared = [d for d in x.shape.dims if d in w.shape.dims]

@@ -322,8 +322,8 @@ def _cached_context(q, k, v, past, new_mask, dims):
     """Inference attention over the filled cache slots plus this call's keys.
 
     q, k, v [B, T, H, K]; past = (K, V [M, B, H, K], length P); new_mask [B?, T, T'].
-    Only the P filled slots are read (a leading-dim slice: no copy, and no work for empty
-    slots); they are all visible, the new keys follow `new_mask`. One softmax over both
+    Only the P filled slots are read (a leading-dim slice: no work for empty slots); they
+    are all visible, the new keys follow `new_mask`. One softmax over both
     key sets (masked new scores s * m + (m - 1) * 1e4, as published). Broadcast multiplies
     and sums with a spelled-out softmax: for the few query tokens of a decoding step this
     is several times faster on CPU than oneDNN's batched matmul and softmax kernels.
