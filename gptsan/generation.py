@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from gptsan.data import SpecialTokens, lm_transform  # noqa: F401 (callers use gen.SpecialTokens)
+from gptsan import fileio
 from gptsan.errors import GPTSANError
 from gptsan.fileio import write_text_atomic
 
@@ -598,15 +599,15 @@ def open_model_files(model_dir, vocabulary=None, emoji=None):
     from gptsan.config import PARAMETERS_FILE, GPTSANConfig
     from gptsan.tokenization import SWEEncoder
 
-    _require(os.path.isdir(model_dir), f"model directory not found: {model_dir}")
-    _require(os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE)),
+    _require(fileio.isdir(model_dir), f"model directory not found: {model_dir}")
+    _require(fileio.isfile(fileio.join(model_dir, PARAMETERS_FILE)),
              f"{model_dir} is not a GPTSAN model directory (no {PARAMETERS_FILE})")
     config = GPTSANConfig.from_json_file(model_dir)
-    vocabulary = vocabulary or os.path.join(model_dir, VOCAB_FILE)
-    emoji = emoji or os.path.join(model_dir, EMOJI_FILE)
-    _require(os.path.isfile(vocabulary), f"vocabulary file not found: {vocabulary} "
+    vocabulary = vocabulary or fileio.join(model_dir, VOCAB_FILE)
+    emoji = emoji or fileio.join(model_dir, EMOJI_FILE)
+    _require(fileio.isfile(vocabulary), f"vocabulary file not found: {vocabulary} "
              "(the model directory has no copy; pass --vocabulary)")
-    _require(os.path.isfile(emoji), f"emoji file not found: {emoji} "
+    _require(fileio.isfile(emoji), f"emoji file not found: {emoji} "
              "(the model directory has no copy; pass --emoji)")
     encoder = SWEEncoder.from_files(vocabulary, emoji)
     config.model.validate_vocabulary(len(encoder), source=vocabulary)

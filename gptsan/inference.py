@@ -10,10 +10,10 @@ slice, never copied) plus its own key, then writes its key/value into the slot a
 position (StridedSliceAssign): no graph rebuild and no cache copy per token.
 """
 import collections
-import os
 
 import numpy as np
 
+from gptsan import fileio
 from gptsan import mesh as meshlib
 from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
 from gptsan.compat import config_pb2, mtf, session_config, tf
@@ -396,16 +396,16 @@ def _export_ordered(lowering, tensor, order):
 
 # ---------------------------------------------------------------------- model directory
 def _load_config(model_dir):
-    if not os.path.isdir(model_dir):
+    if not fileio.isdir(model_dir):
         raise GPTSANError(f"model directory not found: {model_dir}")
-    if not os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE)):
+    if not fileio.isfile(fileio.join(model_dir, PARAMETERS_FILE)):
         raise GPTSANError(f"{model_dir} has no {PARAMETERS_FILE}: not a GPTSAN model directory")
     return GPTSANConfig.from_json_file(model_dir)
 
 
 def _find_checkpoint(model_dir):
     prefix = tf.train.latest_checkpoint(model_dir)
-    if prefix is None or not os.path.exists(prefix + ".index"):
+    if prefix is None or not fileio.exists(prefix + ".index"):
         raise GPTSANError(f"no TF checkpoint in {model_dir} (expected a 'checkpoint' file and "
                           "model.ckpt-<step>.index)")
     return prefix
@@ -414,7 +414,7 @@ def _find_checkpoint(model_dir):
 def _check_checkpoint(prefix, config):
     """The checkpoint must hold every variable of `config` with the same shape."""
     try:
-        stored = dict(tf.train.list_variables(prefix))
+        stored = tf.train.NewCheckpointReader(prefix).get_variable_to_shape_map()
     except tf.errors.OpError as err:
         raise GPTSANError(f"cannot read checkpoint {prefix}: "
                           f"{err.message.splitlines()[0]}") from None
@@ -430,8 +430,8 @@ def _check_checkpoint(prefix, config):
 
 def _load_encoder(model_dir):
     """The model directory's SWEEncoder, or None when it has no vocabulary copy."""
-    vocab, emoji = os.path.join(model_dir, VOCAB_FILE), os.path.join(model_dir, EMOJI_FILE)
-    if not (os.path.isfile(vocab) and os.path.isfile(emoji)):
+    vocab, emoji = fileio.join(model_dir, VOCAB_FILE), fileio.join(model_dir, EMOJI_FILE)
+    if not (fileio.isfile(vocab) and fileio.isfile(emoji)):
         return None
     try:
         from gptsan.tokenization import SWEEncoder

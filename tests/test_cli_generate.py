@@ -134,6 +134,26 @@ def test_languagemodel_with_a_spout(model_dir, tmp_path):
     assert data["spout"] == "1"
 
 
+def test_model_dir_in_a_bucket_generates_the_same(model_dir):
+    """A model directory behind a URL (gs:// on a TPU VM) is read through tf.io.gfile; TF's
+    in-memory ram:// file system stands in for the bucket (it lives in this process)."""
+    from gptsan.compat import tf
+
+    bucket = "ram://bucket/models/cli_tiny"
+    tf.io.gfile.makedirs(bucket)
+    for name in os.listdir(model_dir):
+        tf.io.gfile.copy(os.path.join(model_dir, name), f"{bucket}/{name}", overwrite=True)
+    results = []
+    for where in (model_dir, bucket):
+        encoder, config = gen.open_model_files(where)
+        special = gen.SpecialTokens.from_encoder(encoder)
+        prompt = gen.build_prompt(special, encoder.encode("織田信長は"),
+                                  max_length=config.model.num_contexts)
+        settings = gen.GenerationSettings(max_generate=5, top_k=1)
+        results.append(gen.generate(gen.open_predictor(where), prompt, special, settings)[0])
+    assert results[0].model_tokens == results[1].model_tokens
+
+
 def _bad(script, *args):
     result = _run(script, *args)
     assert result.returncode == 2, (result.stdout, result.stderr)
