@@ -51,6 +51,8 @@ def flag_rows(path):
             continue
         flag = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
         default = action.default
+        if isinstance(default, str) and default.startswith(ROOT + os.sep):
+            default = os.path.relpath(default, ROOT)  # the same table from any checkout
         default = "" if default in (None, False, "", argparse.SUPPRESS) else f"`{default}`"
         if action.required:
             default = "required"
