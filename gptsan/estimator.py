@@ -12,6 +12,7 @@ import os
 import time
 import zlib
 
+from google.protobuf import message
 from tqdm import tqdm
 
 from gptsan import fileio
@@ -430,7 +431,7 @@ def find_input_files(patterns):
     files = set()
     for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
         # tf.io.gfile also globs gs:// buckets (TPU training data)
-        files.update(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+        files.update(p for p in fileio.glob(pattern) if not fileio.isdir(p))
     if not files:
         raise GPTSANError(f"no input files matched --input_files {patterns!r}")
     return sorted(files)
@@ -450,7 +451,12 @@ def record_length(files):
         except tf.errors.OpError as err:
             raise GPTSANError(f"{path} is not a readable TFRecord file: "
                               f"{err.message.splitlines()[0]}") from None
-    raise GPTSANError(f"the input files hold no TFRecord examples ({files[0]} ...)")
+        except message.DecodeError:
+            raise GPTSANError(f"{path} holds records that are not tf.train.Examples; make the "
+                              "input with scripts/make_tfrecord.py") from None
+    raise GPTSANError(f"the input files hold no TFRecord examples ({files[0]} ...): they are "
+                      "empty, truncated or not TFRecord files; make them with "
+                      "scripts/make_tfrecord.py")
 
 
 def check_records(files, num_contexts):

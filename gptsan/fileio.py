@@ -15,10 +15,25 @@ def is_url(path):
     return "://" in str(path)
 
 
-def _gfile():
+def _url(path, action):
+    """action(tf.io.gfile) for the URL `path`; an unreachable bucket, missing credentials or
+    a denied access becomes a one-line GPTSANError instead of a traceback."""
     from gptsan.compat import tf
 
-    return tf.io.gfile
+    try:
+        return action(tf.io.gfile)
+    except tf.errors.OpError as err:
+        raise GPTSANError(f"cannot access {path}: {err.message.splitlines()[0]}") from None
+
+
+def _read_bytes(gfile, path):
+    with gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
+def _write_bytes(gfile, path, data):
+    with gfile.GFile(path, "wb") as f:
+        f.write(data)
 
 
 def absolute(path):
@@ -38,11 +53,11 @@ def dirname(path):
 
 
 def isdir(path):
-    return _gfile().isdir(path) if is_url(path) else os.path.isdir(path)
+    return _url(path, lambda g: g.isdir(path)) if is_url(path) else os.path.isdir(path)
 
 
 def exists(path):
-    return _gfile().exists(path) if is_url(path) else os.path.exists(path)
+    return _url(path, lambda g: g.exists(path)) if is_url(path) else os.path.exists(path)
 
 
 def isfile(path):
@@ -50,12 +65,17 @@ def isfile(path):
 
 
 def listdir(path):
-    return _gfile().listdir(path) if is_url(path) else os.listdir(path)
+    return _url(path, lambda g: g.listdir(path)) if is_url(path) else os.listdir(path)
+
+
+def glob(pattern):
+    """Paths matching `pattern` (tf.io.gfile.glob: local or gs:// patterns)."""
+    return _url(pattern, lambda g: g.glob(pattern))
 
 
 def makedirs(path):
     if is_url(path):
-        _gfile().makedirs(path)
+        _url(path, lambda g: g.makedirs(path))
     else:
         os.makedirs(path, exist_ok=True)
 
@@ -63,10 +83,9 @@ def makedirs(path):
 def read_text(path):
     """The UTF-8 text of a file (FileNotFoundError when it is missing)."""
     if is_url(path):
-        if not _gfile().exists(path):
+        if not exists(path):
             raise FileNotFoundError(path)
-        with _gfile().GFile(path, "rb") as f:
-            return f.read().decode("utf-8")
+        return _url(path, lambda g: _read_bytes(g, path)).decode("utf-8")
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -85,9 +104,8 @@ def write_text_atomic(path, text):
     """Writes `text` via a temp file + rename: never leaves a partial file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     if is_url(path):
-        with _gfile().GFile(tmp, "wb") as f:
-            f.write(text.encode("utf-8"))
-        _gfile().rename(tmp, path, overwrite=True)
+        _url(path, lambda g: (_write_bytes(g, tmp, text.encode("utf-8")),
+                              g.rename(tmp, path, overwrite=True)))
         return
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -102,8 +120,8 @@ def copy_file_atomic(source, target):
     """Copies `source` to `target` via a temp file + rename (either may be a URL)."""
     tmp = f"{target}.tmp-{os.getpid()}"
     if is_url(source) or is_url(target):
-        _gfile().copy(source, tmp, overwrite=True)
-        _gfile().rename(tmp, target, overwrite=True)
+        _url(target, lambda g: (g.copy(source, tmp, overwrite=True),
+                                g.rename(tmp, target, overwrite=True)))
     else:
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)

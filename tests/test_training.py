@@ -300,8 +300,14 @@ def bad_input_cases(work, tmp_path):
                     "--input_files", os.path.join(SAMPLE, "news_01.txt"), "--mode", "lm",
                     "--num_context", "32", "--output_prefix", short, "--num_process", "1"],
                    check=True, capture_output=True)
+    garbage, not_examples = tmp_path / "garbage.tfrecord", str(tmp_path / "text.tfrecord")
+    garbage.write_bytes(b"not a tfrecord")
+    with tf.io.TFRecordWriter(not_examples) as writer:
+        writer.write(b"a record that is not a tf.train.Example")
     return [
         ([], {"--input_files": str(tmp_path / "nothing*.tfrecord")}, "no input files matched"),
+        ([], {"--input_files": str(garbage)}, "not a readable TFRecord file"),
+        ([], {"--input_files": not_examples}, "not tf.train.Examples"),
         ([], {"--input_files": short + "_*.tfrecord"}, "num_context"),
         (["--vocabulary", str(small_vocab)], {}, "3 entries"),
         (["--ignore_parameters", str(unknown)], {}, "model/att9/qkv/kernel"),
