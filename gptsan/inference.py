@@ -153,7 +153,7 @@ class Predictor:
         if bad.size:
             raise GPTSANError(f"reorder_cache index {int(bad[0])} is out of range for a batch "
                               f"of {batch}")
-        self._cache.reorder(indices.astype(np.int32))
+        self._cache.reorder(indices.astype(np.int32), self.cache_length)
         self._cache_precontext = self._cache_precontext[indices]
 
     def close(self):
@@ -263,13 +263,19 @@ class _Cache:
             self.values = [tf.Variable(tf.zeros(shape), trainable=False, name=f"v{l}",
                                        collections=[]) for l in range(config.num_layers)]
             self._indices = tf.placeholder(tf.int32, [batch], name="reorder_indices")
-            self._reorder = tf.group([var.assign(tf.gather(var, self._indices, axis=1))
-                                      for var in self.keys + self.values])
+            self._length = tf.placeholder(tf.int32, [], name="reorder_length")
+            filled = slice(None, self._length)  # only the filled slots move (beam steps)
+            self._reorder = tf.group([
+                var[filled].assign(tf.gather(var[filled], self._indices, axis=1))
+                for var in self.keys + self.values])
         predictor._session.run([v.initializer for v in self.keys + self.values])
         self._session = predictor._session
 
-    def reorder(self, indices):
-        self._session.run(self._reorder, {self._indices: indices})
+    def reorder(self, indices, length):
+        """Row i of the first `length` slots becomes old row indices[i]."""
+        if np.array_equal(indices, np.arange(self.batch)):
+            return  # beams kept in place: nothing to copy
+        self._session.run(self._reorder, {self._indices: indices, self._length: length})
 
 
 class _Program:
