@@ -169,6 +169,7 @@ def model_fn_builder(setup):
                 mtf.Shape([batch_dim, mtf.Dimension(mesh_lib.SPOUT, model_config.num_spout)]))
 
         output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
+                             one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
                              variable_dtype=mesh_lib.dtype_policy(setup.dtype))
         vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
         cross_entropy, token_count = lm_loss(output.logits, targets, vocab_dim)

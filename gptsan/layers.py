@@ -9,15 +9,17 @@ def dense_initializer(fan_in):
     return tf.random_normal_initializer(stddev=fan_in ** -0.5)
 
 
-def dense(x, w, output_dims, fused):
+def dense(x, w, output_dims, fused, differentiable=False):
     """x . w summed over the dims they share -> `output_dims`.
 
-    fused (inference only, no gradient): one tf.matmul per slice on 2-D views, which oneDNN
-    runs several times faster than an einsum on one-token inputs. It applies when the shared
-    dims are x's last dims and w's first dims in the same order, and `output_dims` are x's
-    other dims then w's, and the caller knows the layout keeps the shared dims whole on every
-    slice (a per-slice matmul would miss the other slices' partial sums; a slice holding
-    part of them raises). Otherwise: mtf.einsum.
+    fused: one tf.matmul per slice on 2-D views, which oneDNN runs several times faster
+    than an einsum on one-token inputs (and without transposes on big ones). It applies when
+    the shared dims are x's last dims and w's first dims in the same order, and
+    `output_dims` are x's other dims then w's, and the caller knows the layout keeps the
+    shared dims whole on every slice (a per-slice matmul would miss the other slices'
+    partial sums; a slice holding part of them raises). Otherwise: mtf.einsum.
+    differentiable (with fused): matmul gradients per slice; the weight gradient sums over
+    this slice's tokens only, so callers use it on one-slice meshes.
     """
     output_dims = list(output_dims)
     shared = [d for d in x.shape.dims if d in w.shape.dims]
@@ -26,14 +28,30 @@ def dense(x, w, output_dims, fused):
                and output_dims == lead + rest)
     if not (fused and shared and natural):
         return mtf.einsum([x, w], output_dims)
+    inner = math.prod(d.size for d in shared)
 
-    def matmul(x_slice, w_slice):
+    def flat(x_slice, w_slice):  # 2-D views [tokens, inner], [inner, out]
         if x_slice.shape.as_list()[len(lead):] != [d.size for d in shared]:
             raise ValueError(f"fused dense on a layout that splits {shared}")
-        inner = math.prod(d.size for d in shared)
-        product = tf.matmul(tf.reshape(x_slice, [-1, inner]), tf.reshape(w_slice, [inner, -1]))
+        return tf.reshape(x_slice, [-1, inner]), tf.reshape(w_slice, [inner, -1])
+
+    def matmul(x_slice, w_slice):
+        product = tf.matmul(*flat(x_slice, w_slice))
         return tf.reshape(product, x_slice.shape[:len(lead)].concatenate(
             w_slice.shape[len(shared):]))
 
+    def gradient(op, dy):
+        def backward(x_slice, w_slice, dy_slice):
+            x2, w2 = flat(x_slice, w_slice)
+            dy2 = tf.reshape(dy_slice, [x2.shape[0], -1])
+            return (tf.reshape(tf.matmul(dy2, w2, transpose_b=True), x_slice.shape),
+                    tf.reshape(tf.matmul(x2, dy2, transpose_a=True), w_slice.shape))
+
+        return mtf.slicewise(backward, [op.inputs[0], op.inputs[1], dy],
+                             output_shape=[x.shape, w.shape], output_dtype=[x.dtype, w.dtype],
+                             splittable_dims=x.shape.dims + rest, grad_function=0,
+                             name="dense_grad")
+
     return mtf.slicewise(matmul, [x, w], output_shape=output_dims, output_dtype=x.dtype,
-                         splittable_dims=x.shape.dims + rest, grad_function=0, name="dense")
+                         splittable_dims=x.shape.dims + rest,
+                         grad_function=gradient if differentiable else 0, name="dense")

@@ -82,7 +82,8 @@ def variable_shapes(config):
 
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
-                variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None):
+                variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None,
+                one_slice=False):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -102,6 +103,9 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         whole on every slice): enables the per-expert gather/scatter path (see
         `switch.switch_ffn`) and one-matmul output projections.
       routing_group_size: optional Switch routing group size (see `switch.switch_ffn`).
+      one_slice: the mesh is one device (1x1): per-slice TF code sees whole tensors, so
+        training may use it too, differentiated by TF (the per-expert path of the Switch
+        layers, a segment-sum embedding gradient) instead of one-hot einsums.
     Returns:
       ModelOutput.
     """
@@ -143,8 +147,9 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
     # without them t + 0 <= num_contexts - 1 already).
     positions = mtf.range(mesh, length_dim, tf.int32) + num_past  # [T]
     positions = mtf.minimum(positions, config.num_contexts - 1)
-    position_embedding = _gather_rows(wpe, positions, [length_dim, dims.d])  # [T, D]
-    x = _gather_rows(wte, input_ids, [batch_dim, length_dim, dims.d]) + position_embedding
+    position_embedding = _gather_rows(wpe, positions, [length_dim, dims.d], one_slice)  # [T, D]
+    x = _gather_rows(wte, input_ids, [batch_dim, length_dim, dims.d], one_slice) \
+        + position_embedding
 
     # Key j (memory index) visible from query t iff j <= t + P or j < num_precontext.
     if past is None:
@@ -160,7 +165,7 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
     aux_loss = mtf.zeros(mesh, [], dtype=tf.float32)
     for layer in range(config.num_layers):
         if layer == config.num_switch_layers and ete is not None:
-            x += _gather_rows(ete, positions, [length_dim, dims.d])
+            x += _gather_rows(ete, positions, [length_dim, dims.d], one_slice)
         layer_past = None
         if past is not None:
             layer_past = (past.keys[layer], past.values[layer], past.length)
@@ -168,7 +173,7 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
             layer_past = spout_kv[layer]
         with tf.variable_scope(f"model/att{layer}"):
             attended, present, kv = _attention(x, mask, dims, memory_dim, layer_past,
-                                               variable_dtype, train, unsplit_model)
+                                               variable_dtype, train, unsplit_model, one_slice)
         presents.append(present)
         new_kv.append(kv)
         with tf.variable_scope(f"model/an{layer}"):
@@ -176,19 +181,20 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         if layer < config.num_switch_layers:
             with tf.variable_scope(f"model/moe{layer}"):
                 y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype,
-                                                  local_experts=unsplit_model,
+                                                  local_experts=one_slice if train
+                                                  else unsplit_model,
                                                   group_size=routing_group_size)
             aux_loss += loss
             stats.append(layer_stats)
         else:
             with tf.variable_scope(f"model/mlp{layer}"):
-                y = _ext_mlp(x, dims, variable_dtype, fused=not train)
+                y = _ext_mlp(x, dims, variable_dtype, not train or one_slice, train)
         with tf.variable_scope(f"model/ln{layer}"):
             x += layer_norm(y, dims.d, variable_dtype)
         hidden_states.append(x)
 
     with tf.variable_scope("model"):
-        logits = _head(x, wte, dims, variable_dtype, train)
+        logits = _head(x, wte, dims, variable_dtype, train, one_slice)
     return ModelOutput(logits=logits, hidden_states=hidden_states, aux_loss=aux_loss,
                        router_stats=stats, presents=presents, new_keys_values=new_kv)
 
@@ -228,15 +234,25 @@ class _Dims:
                                           config.num_layers * 2 * config.num_hidden)
 
 
-def _gather_rows(table, indices, output_shape):
+def _gather_rows(table, indices, output_shape, one_slice=False):
     """table[indices] with tf.gather per slice (the table's first dim must not be split).
 
-    The gradient w.r.t. the table is the one-hot einsum (what `mtf.gather` computes forward).
+    The gradient w.r.t. the table is the one-hot einsum (what `mtf.gather` computes forward;
+    mtf sums it over split batch slices), or on a one-slice mesh a segment sum, which skips
+    the [tokens, rows] one-hot product (2048 x 36k x d multiply-adds for a small batch).
     """
     row_dim = table.shape.dims[0]
     output_shape = mtf.Shape(output_shape)
 
     def gradient(op, dy):
+        if one_slice:
+            def segment_sum(ids, grad):  # [...], [..., d] -> [rows, d]
+                return tf.math.unsorted_segment_sum(grad, ids, row_dim.size)
+
+            return [mtf.slicewise(segment_sum, [op.inputs[1], dy],
+                                  output_shape=op.inputs[0].shape, output_dtype=dy.dtype,
+                                  splittable_dims=dy.shape.dims, grad_function=0,
+                                  name="gather_rows_grad"), None]
         onehot = mtf.one_hot(op.inputs[1], row_dim, dtype=dy.dtype)
         return [mtf.einsum([onehot, dy], output_shape=op.inputs[0].shape), None]
 
@@ -259,7 +275,8 @@ def layer_norm(x, dim, variable_dtype):
     return mtf.cast(normed, x.dtype) * g + b
 
 
-def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_model):
+def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_model,
+               one_slice):
     """Multi-head attention (qkv and o without bias; scores scaled by head_dim^-0.5).
 
     x: [B, T, D]. Without a cache: mask [B?, T, M] (1 visible / 0), past None or the spout's
@@ -275,8 +292,9 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
                            dtype=variable_dtype,
                            initializer=dense_initializer(dims.heads.size * dims.head_dim.size))
     # One matmul in natural order, then split the activations: q, k, v [B, T, H, K].
+    # Per-slice matmuls (layers.dense): in inference, and on one-slice meshes in training.
     qkv = dense(x, w_qkv, [dims.batch, dims.length, dims.qkv, dims.heads, dims.head_dim],
-                fused=not train)
+                fused=not train or one_slice, differentiable=train)
     q, k, v = mtf.unstack(qkv, dims.qkv)
     q *= dims.head_dim.size ** -0.5
     bthk = [dims.batch, dims.length, dims.heads, dims.head_dim]
@@ -299,7 +317,7 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
         presents = (keys, values)
     # The heads are contracted here: one matmul per slice only when they are not split.
     output = dense(context, w_o, [dims.batch, dims.length, dims.d],
-                   fused=not train and unsplit_model)
+                   fused=one_slice if train else unsplit_model, differentiable=train)
     return output, presents, (k, v)
 
 
@@ -351,7 +369,7 @@ def _cached_context(q, k, v, past, new_mask, dims):
                          name="cached_attention")
 
 
-def _ext_mlp(x, dims, variable_dtype, fused):
+def _ext_mlp(x, dims, variable_dtype, fused, differentiable):
     """Extra dense layer FFN: swish(x . p1 + b1) . p2 + b2."""
     mesh = x.mesh
     p1 = mtf.get_variable(mesh, "p1/kernel", [dims.d, dims.ext_hidden], dtype=variable_dtype,
@@ -362,15 +380,18 @@ def _ext_mlp(x, dims, variable_dtype, fused):
                           initializer=dense_initializer(dims.ext_hidden.size))
     b2 = mtf.get_variable(mesh, "p2/bias", [dims.d], dtype=variable_dtype,
                           initializer=tf.zeros_initializer())
-    h = mtf.swish(dense(x, p1, [dims.batch, dims.length, dims.ext_hidden], fused) + b1)
-    return dense(h, p2, [dims.batch, dims.length, dims.d], fused) + b2
+    h = mtf.swish(dense(x, p1, [dims.batch, dims.length, dims.ext_hidden], fused,
+                        differentiable) + b1)
+    return dense(h, p2, [dims.batch, dims.length, dims.d], fused, differentiable) + b2
 
 
-def _head(x, wte, dims, variable_dtype, train):
+def _head(x, wte, dims, variable_dtype, train, one_slice=False):
     """Tied LM head: swish(x . dense + bias) . wte^T + wob -> float32 [B, T, V].
 
-    Inference uses one fused matmul + bias_add per slice (vocab is never split); training
-    keeps the mtf einsum (whose gradient mtf reduces across the mesh).
+    Inference, and training on one-slice meshes, use one matmul + bias_add per slice
+    (vocab is never split; the training gradient is two matmuls, no transposed copy of the
+    [tokens, vocab] gradient); other training meshes keep the mtf einsum (whose gradient
+    mtf reduces across the mesh).
     """
     mesh = x.mesh
     kernel = mtf.get_variable(mesh, "dense/kernel", [dims.d, dims.d_out], dtype=variable_dtype,
@@ -379,20 +400,37 @@ def _head(x, wte, dims, variable_dtype, train):
                             initializer=tf.zeros_initializer())
     wob = mtf.get_variable(mesh, "wob", [dims.vocab], dtype=variable_dtype,
                            initializer=tf.zeros_initializer())
-    z = mtf.swish(dense(x, kernel, [dims.batch, dims.length, dims.d_out], not train) + bias)
+    fused = not train or one_slice
+    z = mtf.swish(dense(x, kernel, [dims.batch, dims.length, dims.d_out], fused,
+                        differentiable=train) + bias)
     z = mtf.rename_dimension(z, meshlib.D_MODEL_OUT, meshlib.D_MODEL)
-    if train:
-        logits = mtf.einsum([z, wte], [dims.batch, dims.length, dims.vocab]) + wob
-    else:
-        def tied_projection(hidden, table, bias):  # [b, t, d], [V, d], [V] -> [b, t, V]
-            flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
-            out = tf.nn.bias_add(tf.matmul(flat, table, transpose_b=True), bias)
-            return tf.reshape(out, hidden.shape[:-1].concatenate(table.shape[:1]))
+    if not fused:
+        return mtf.cast(mtf.einsum([z, wte], [dims.batch, dims.length, dims.vocab]) + wob,
+                        tf.float32)
+    splittable = [dims.batch, dims.length]
 
-        logits = mtf.slicewise(tied_projection, [z, wte, wob],
-                               output_shape=[dims.batch, dims.length, dims.vocab],
-                               output_dtype=z.dtype, splittable_dims=[dims.batch, dims.length],
-                               grad_function=0, name="tied_projection")
+    def tied_projection(hidden, table, bias):  # [b, t, d], [V, d], [V] -> [b, t, V]
+        flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
+        out = tf.nn.bias_add(tf.matmul(flat, table, transpose_b=True), bias)
+        return tf.reshape(out, hidden.shape[:-1].concatenate(table.shape[:1]))
+
+    def gradient(op, dy):
+        def backward(hidden, table, dy):  # -> d hidden [b, t, d], d table [V, d], d bias [V]
+            flat, dy2 = tf.reshape(hidden, [-1, hidden.shape[-1]]), tf.reshape(
+                dy, [-1, dy.shape[-1]])
+            return (tf.reshape(tf.matmul(dy2, table), hidden.shape),
+                    tf.matmul(dy2, flat, transpose_a=True), tf.reduce_sum(dy2, 0))
+
+        z_, table, bias = op.inputs
+        return mtf.slicewise(backward, [z_, table, dy],
+                             output_shape=[z_.shape, table.shape, bias.shape],
+                             output_dtype=[z_.dtype, table.dtype, bias.dtype],
+                             splittable_dims=splittable, grad_function=0, name="tied_grad")
+
+    logits = mtf.slicewise(tied_projection, [z, wte, wob],
+                           output_shape=[dims.batch, dims.length, dims.vocab],
+                           output_dtype=z.dtype, splittable_dims=splittable,
+                           grad_function=gradient if train else 0, name="tied_projection")
     return mtf.cast(logits, tf.float32)
 
 

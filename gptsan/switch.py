@@ -54,8 +54,10 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
       config: ModelConfig.
       train: bool; enables input jitter and the training capacity factor.
       variable_dtype: mtf.VariableDType.
-      local_experts: inference only: the layout does not split the experts (mesh model
-        size 1), so each expert may run on exactly its tokens (no one-hot dispatch).
+      local_experts: each expert may run on exactly its tokens (no one-hot dispatch):
+        in inference when the layout keeps the experts whole (mesh model size 1), in
+        training only on a one-slice mesh (TF differentiates the per-slice code, and
+        gradients of whole weights from split batch slices would not be summed).
       group_size: route in groups of this many token slots (the last group padded)
         instead of the published split of this call's tokens: a prompt prefilled alone
         then routes exactly as at the start of the longer padded sequence it stands for.
@@ -95,8 +97,10 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
     if train:
         gate_inputs *= mtf.random_uniform(mesh, gate_inputs.shape, minval=1.0 - JITTER,
                                           maxval=1.0 + JITTER, dtype=tf.float32)
-    router_logits = dense(gate_inputs, w_gate, [groups_dim, group_dim, experts_dim],
-                          fused=not train)
+    # Per-slice matmuls: always in inference; in training on one-slice meshes (local_experts).
+    fused = not train or local_experts
+    router_logits = dense(gate_inputs, w_gate, [groups_dim, group_dim, experts_dim], fused,
+                          differentiable=train)
     probs = mtf.softmax(router_logits, experts_dim)  # [G, S, E]
     gate, index = mtf.top_1(probs, experts_dim)  # [G, S]
     mask = mtf.one_hot(index, experts_dim, dtype=tf.float32)  # [G, S, E]
@@ -144,8 +148,8 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
         out = mtf.einsum([h, w_out], [experts_dim, groups_dim, group_dim, d_dim])
         combine = mtf.cast(mask * weight, dtype)  # [G, S, E]
         y = mtf.einsum([out, combine], [groups_dim, group_dim, d_dim])
-    elif local_experts and not train:
-        y = _routed_experts(tokens, mask * kept, weight, w_in, w_out)
+    elif local_experts:
+        y = _routed_experts(tokens, mask * kept, weight, w_in, w_out, differentiable=train)
     else:
         capacity_dim = mtf.Dimension(meshlib.CAPACITY, capacity)
         dispatch = mask * kept * mtf.one_hot(mtf.cast(position, tf.int32), capacity_dim,
@@ -158,8 +162,8 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
         y = mtf.einsum([expert_out, mtf.cast(dispatch * gate, dtype)],
                        [groups_dim, group_dim, d_dim])
     y = _from_groups(y, x.shape, padding)
-    soft = mtf.tanh(dense(x, w_soft, [batch_dim, length_dim, w_soft.shape.dims[1]],
-                          fused=not train))
+    soft = mtf.tanh(dense(x, w_soft, [batch_dim, length_dim, w_soft.shape.dims[1]], fused,
+                          differentiable=train))
     y += mtf.rename_dimension(soft, meshlib.D_MODEL_OUT, meshlib.D_MODEL)
 
     entropy = -mtf.reduce_sum(probs * mtf.log(mtf.maximum(probs, 1e-9)), reduced_dim=experts_dim)
@@ -224,35 +228,59 @@ def _token_choice_experts(tokens, combine, w_in, w_out):
                          grad_function=0, name="token_choice_experts")
 
 
-def _routed_experts(tokens, routed, weight, w_in, w_out):
-    """Inference experts without capacity slots (experts must not be split).
+def _routed_experts(tokens, routed, weight, w_in, w_out, differentiable=False):
+    """Experts without capacity slots (experts must not be split; see `local_experts`).
 
     Each expert multiplies exactly the tokens routed to it and kept (tf.where + gather_nd,
     then scatter back), like HF's per-expert loop: S tokens of work instead of E * C >= 2S
     slots plus two one-hot dispatch einsums. Same result as the dispatch path.
     tokens [G, S, D], routed [G, S, E] (one-hot of the chosen expert, 0 when dropped),
     weight [G, S] (router prob * kept).
+
+    `differentiable` (one-slice training meshes): the gradient recomputes the experts on
+    stop_gradient copies of the inputs and differentiates that with TF. (mtf's generic
+    slicewise gradient would differentiate the lowered graph, where the router weight is
+    itself a function of the tokens: the router path would be counted twice.)
     """
     groups_dim, group_dim, d_dim = tokens.shape.dims
-    num_experts = w_in.shape.dims[0].size
+    splittable = [groups_dim, w_in.shape.dims[0]]
 
-    def run(x, onehot, gate, wi, wo):
-        if wi.shape[0] != num_experts:  # our invariant: only for layouts that keep experts whole
-            raise ValueError("local_experts=True on a layout that splits the experts")
-        y = tf.zeros_like(x)  # [g, s, d]
-        for expert in range(num_experts):
-            where = tf.where(onehot[:, :, expert] > 0)  # [n, 2] (group, token)
-            w1 = tf.slice(wi, [expert, 0, 0], [1, -1, -1])[0]  # aliases the weights
-            w2 = tf.slice(wo, [expert, 0, 0], [1, -1, -1])[0]
-            h = tf.nn.relu(tf.matmul(tf.gather_nd(x, where), w1))  # [n, f]
-            y += tf.scatter_nd(where, tf.matmul(h, w2), tf.shape(x, out_type=tf.int64))
-        return y * tf.cast(gate, y.dtype)[..., None]
+    def gradient(op, dy):
+        x, onehot, gate, wi, wo = op.inputs
+
+        def backward(x, onehot, gate, wi, wo, dy):
+            inputs = [tf.stop_gradient(t) for t in (x, gate, wi, wo)]
+            y = _run_routed_experts(inputs[0], onehot, *inputs[1:])
+            return tuple(tf.gradients(y, inputs, grad_ys=dy))
+
+        dx, dgate, dwi, dwo = mtf.slicewise(
+            backward, [x, onehot, gate, wi, wo, dy],
+            output_shape=[t.shape for t in (x, gate, wi, wo)],
+            output_dtype=[t.dtype for t in (x, gate, wi, wo)], splittable_dims=splittable,
+            grad_function=0, name="routed_experts_grad")
+        return [dx, None, dgate, dwi, dwo]
 
     dtype = tokens.dtype
-    return mtf.slicewise(run, [tokens, routed, mtf.cast(weight, dtype), w_in, w_out],
+    return mtf.slicewise(_run_routed_experts, [tokens, routed, mtf.cast(weight, dtype), w_in,
+                                               w_out],
                          output_shape=[groups_dim, group_dim, d_dim], output_dtype=dtype,
-                         splittable_dims=[groups_dim, w_in.shape.dims[0]], grad_function=0,
-                         name="routed_experts")
+                         splittable_dims=splittable,
+                         grad_function=gradient if differentiable else 0, name="routed_experts")
+
+
+def _run_routed_experts(x, onehot, gate, wi, wo):
+    """One slice of `_routed_experts`: x [g, s, d], onehot [g, s, e], gate [g, s], wi
+    [e, d, f], wo [e, f, d] -> [g, s, d]."""
+    if wi.shape[0] != onehot.shape[-1]:  # our invariant: only layouts that keep experts whole
+        raise ValueError("local_experts=True on a layout that splits the experts")
+    y = tf.zeros_like(x)  # [g, s, d]
+    for expert in range(wi.shape[0]):
+        where = tf.where(onehot[:, :, expert] > 0)  # [n, 2] (group, token)
+        w1 = tf.slice(wi, [expert, 0, 0], [1, -1, -1])[0]  # aliases the weights
+        w2 = tf.slice(wo, [expert, 0, 0], [1, -1, -1])[0]
+        h = tf.nn.relu(tf.matmul(tf.gather_nd(x, where), w1))  # [n, f]
+        y += tf.scatter_nd(where, tf.matmul(h, w2), tf.shape(x, out_type=tf.int64))
+    return y * tf.cast(gate, y.dtype)[..., None]
 
 
 def _sliced_expert_outputs(x, index, wi, wo):
