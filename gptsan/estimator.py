@@ -22,6 +22,7 @@ from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE, expected_variable_shapes, 
 from gptsan.compat import mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
+from gptsan.layers import softmax_cross_entropy
 from gptsan.spout import SPOUT_VECTORS, spout_vectors  # noqa: F401 (re-exported for run_train)
 
 Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
@@ -47,8 +48,8 @@ def lm_loss(logits, targets, vocab_dim):
     """
     weights = mtf.cast(mtf.not_equal(targets, -1), tf.float32)  # [batch, length]
     labels = mtf.maximum(targets, 0)  # -1 -> any valid id; its loss is weighted out
-    per_token = mtf.layers.softmax_cross_entropy_with_logits(
-        mtf.cast(logits, tf.float32), labels, vocab_dim, z_loss=Z_LOSS)  # [batch, length]
+    per_token = softmax_cross_entropy(mtf.cast(logits, tf.float32), labels, vocab_dim,
+                                      z_loss=Z_LOSS)  # [batch, length]
     count = mtf.reduce_sum(weights)
     return mtf.reduce_sum(per_token * weights) / mtf.maximum(count, 1.0), count
 

@@ -308,11 +308,7 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
             keys = mtf.concat([past[0], keys], meshlib.MEMORY)
             values = mtf.concat([past[1], values], meshlib.MEMORY)
         scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.length, memory_dim])
-        if train:
-            scores = scores * mask + (1.0 - mask) * MASKED_SCORE
-            weights = mtf.softmax(scores, memory_dim)
-        else:
-            weights = _masked_softmax(scores, mask)
+        weights = _masked_softmax(scores, mask)
         context = mtf.einsum([weights, values], bthk)
         presents = (keys, values)
     # The heads are contracted here: one matmul per slice only when they are not split.
@@ -322,18 +318,32 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
 
 
 def _masked_softmax(scores, mask):
-    """Inference: softmax(s * m - (1 - m) * 1e4) over the last (memory) dim in one TF kernel.
+    """softmax(s * m - (1 - m) * 1e4) over the last (memory) dim in one TF kernel.
 
-    scores [B, H, T, M]; mask [B, T, M] or [T, M]. No gradient (training uses mtf ops).
+    scores [B, H, T, M]; mask [B, T, M] or [T, M] (1 visible / 0). The gradient reuses the
+    softmax: ds = (dp - sum(dp * p)) * p * m. Splits over every dim but memory.
     """
+    def broadcast(m):  # -> [B or 1, 1, T, M]: broadcast over heads
+        return m[:, None] if m.shape.ndims == 3 else m[None, None]
+
     def run(s, m):
-        m = m[:, None] if m.shape.ndims == 3 else m[None, None]  # -> broadcast over heads
+        m = broadcast(m)
         return tf.nn.softmax(s * m + (m - 1.0) * -MASKED_SCORE)
 
     splittable = [d for d in scores.shape.dims if d.name != meshlib.MEMORY]
+
+    def gradient(op, dy):
+        def backward(p, m, dp):
+            return (dp - tf.reduce_sum(dp * p, -1, keepdims=True)) * p * broadcast(m)
+
+        return [mtf.slicewise(backward, [op.outputs[0], op.inputs[1], dy],
+                              output_shape=scores.shape, output_dtype=scores.dtype,
+                              splittable_dims=splittable, grad_function=0,
+                              name="masked_softmax_grad"), None]
+
     return mtf.slicewise(run, [scores, mask], output_shape=scores.shape,
-                         output_dtype=scores.dtype, splittable_dims=splittable, grad_function=0,
-                         name="masked_softmax")
+                         output_dtype=scores.dtype, splittable_dims=splittable,
+                         grad_function=gradient, name="masked_softmax")
 
 
 def _cached_context(q, k, v, past, new_mask, dims):
