@@ -237,50 +237,73 @@ def _routed_experts(tokens, routed, weight, w_in, w_out, differentiable=False):
     tokens [G, S, D], routed [G, S, E] (one-hot of the chosen expert, 0 when dropped),
     weight [G, S] (router prob * kept).
 
-    `differentiable` (one-slice training meshes): the gradient recomputes the experts on
-    stop_gradient copies of the inputs and differentiates that with TF. (mtf's generic
-    slicewise gradient would differentiate the lowered graph, where the router weight is
-    itself a function of the tokens: the router path would be counted twice.)
+    `differentiable` (one-slice training meshes): the slice also returns each token's
+    hidden pre-activation [G, S, F], from which the gradient computes the expert weight and
+    token gradients per expert (no recomputation); the router weight multiplies in mtf.
     """
     groups_dim, group_dim, d_dim = tokens.shape.dims
     splittable = [groups_dim, w_in.shape.dims[0]]
-
-    def gradient(op, dy):
-        x, onehot, gate, wi, wo = op.inputs
-
-        def backward(x, onehot, gate, wi, wo, dy):
-            inputs = [tf.stop_gradient(t) for t in (x, gate, wi, wo)]
-            y = _run_routed_experts(inputs[0], onehot, *inputs[1:])
-            return tuple(tf.gradients(y, inputs, grad_ys=dy))
-
-        dx, dgate, dwi, dwo = mtf.slicewise(
-            backward, [x, onehot, gate, wi, wo, dy],
-            output_shape=[t.shape for t in (x, gate, wi, wo)],
-            output_dtype=[t.dtype for t in (x, gate, wi, wo)], splittable_dims=splittable,
-            grad_function=0, name="routed_experts_grad")
-        return [dx, None, dgate, dwi, dwo]
-
     dtype = tokens.dtype
-    return mtf.slicewise(_run_routed_experts, [tokens, routed, mtf.cast(weight, dtype), w_in,
-                                               w_out],
-                         output_shape=[groups_dim, group_dim, d_dim], output_dtype=dtype,
-                         splittable_dims=splittable,
-                         grad_function=gradient if differentiable else 0, name="routed_experts")
+    if not differentiable:
+        def run(x, onehot, gate, wi, wo):
+            return _expert_loop(x, onehot, wi, wo)[0] * tf.cast(gate, x.dtype)[..., None]
+
+        return mtf.slicewise(run, [tokens, routed, mtf.cast(weight, dtype), w_in, w_out],
+                             output_shape=tokens.shape, output_dtype=dtype,
+                             splittable_dims=splittable, grad_function=0, name="routed_experts")
+
+    def gradient(op, dy, *unused):
+        def backward(x, onehot, wi, wo, hidden, dy):
+            dx, dwi, dwo = tf.zeros_like(x), [], []
+            for _, where, w1, w2 in _expert_slices(onehot, wi, wo):
+                h = tf.gather_nd(hidden, where)  # [n, f]
+                dy_e = tf.gather_nd(dy, where)  # [n, d]
+                dwo.append(tf.matmul(tf.nn.relu(h), dy_e, transpose_a=True))  # [f, d]
+                dh = tf.matmul(dy_e, w2, transpose_b=True) * tf.cast(h > 0, h.dtype)
+                dwi.append(tf.matmul(tf.gather_nd(x, where), dh, transpose_a=True))  # [d, f]
+                dx += tf.scatter_nd(where, tf.matmul(dh, w1, transpose_b=True),
+                                    tf.shape(x, out_type=tf.int64))
+            return dx, tf.stack(dwi), tf.stack(dwo)
+
+        x, onehot, wi, wo = op.inputs
+        dx, dwi, dwo = mtf.slicewise(
+            backward, [x, onehot, wi, wo, op.outputs[1], dy],
+            output_shape=[x.shape, wi.shape, wo.shape], output_dtype=[dtype] * 3,
+            splittable_dims=splittable, grad_function=0, name="routed_experts_grad")
+        return [dx, None, dwi, dwo]
+
+    hidden_shape = [groups_dim, group_dim, w_in.shape.dims[2]]
+    outputs, _ = mtf.slicewise(lambda *args: _expert_loop(*args, keep_hidden=True),
+                               [tokens, routed, w_in, w_out],
+                               output_shape=[tokens.shape, hidden_shape],
+                               output_dtype=[dtype] * 2, splittable_dims=splittable,
+                               grad_function=gradient, name="routed_experts")
+    return outputs * mtf.cast(weight, dtype)
 
 
-def _run_routed_experts(x, onehot, gate, wi, wo):
-    """One slice of `_routed_experts`: x [g, s, d], onehot [g, s, e], gate [g, s], wi
-    [e, d, f], wo [e, f, d] -> [g, s, d]."""
+def _expert_slices(onehot, wi, wo):
+    """(expert, where [n, 2] of its tokens, wi[expert] [d, f], wo[expert] [f, d]) per expert;
+    the weights are tf.slice views (no copy)."""
     if wi.shape[0] != onehot.shape[-1]:  # our invariant: only layouts that keep experts whole
         raise ValueError("local_experts=True on a layout that splits the experts")
-    y = tf.zeros_like(x)  # [g, s, d]
     for expert in range(wi.shape[0]):
-        where = tf.where(onehot[:, :, expert] > 0)  # [n, 2] (group, token)
-        w1 = tf.slice(wi, [expert, 0, 0], [1, -1, -1])[0]  # aliases the weights
-        w2 = tf.slice(wo, [expert, 0, 0], [1, -1, -1])[0]
-        h = tf.nn.relu(tf.matmul(tf.gather_nd(x, where), w1))  # [n, f]
-        y += tf.scatter_nd(where, tf.matmul(h, w2), tf.shape(x, out_type=tf.int64))
-    return y * tf.cast(gate, y.dtype)[..., None]
+        yield (expert, tf.where(onehot[:, :, expert] > 0),
+               tf.slice(wi, [expert, 0, 0], [1, -1, -1])[0],
+               tf.slice(wo, [expert, 0, 0], [1, -1, -1])[0])
+
+
+def _expert_loop(x, onehot, wi, wo, keep_hidden=False):
+    """One slice of `_routed_experts` before the router weight: x [g, s, d], onehot
+    [g, s, e], wi [e, d, f], wo [e, f, d] -> (y [g, s, d], hidden [g, s, f] or None)."""
+    y = tf.zeros_like(x)  # [g, s, d]
+    hidden = tf.zeros(tf.concat([tf.shape(x)[:2], tf.shape(wi)[2:]], 0), x.dtype) \
+        if keep_hidden else None
+    for _, where, w1, w2 in _expert_slices(onehot, wi, wo):
+        h = tf.matmul(tf.gather_nd(x, where), w1)  # [n, f]
+        y += tf.scatter_nd(where, tf.matmul(tf.nn.relu(h), w2), tf.shape(y, out_type=tf.int64))
+        if keep_hidden:
+            hidden += tf.scatter_nd(where, h, tf.shape(hidden, out_type=tf.int64))
+    return y, hidden
 
 
 def _sliced_expert_outputs(x, index, wi, wo):
