@@ -129,7 +129,7 @@ def main(argv=None):
     ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
               if args.ignore_parameters else [])
     files, init_checkpoint = estimator.check_training_inputs(
-        config, args.input_files, vocab, ignore, args.init_checkpoint)
+        config, args.input_files, vocab, ignore, args.init_checkpoint, dtype)
 
     estimator.write_model_dir(config, vocab, emoji)
     from gptsan.records import input_fn_builder

@@ -561,7 +561,8 @@ def select_devices(mesh_shape, batch_size, model):
     return mesh_lib.cpu_devices_for(shape)
 
 
-def check_training_inputs(config, input_files, vocabulary, ignore_names, init_checkpoint=None):
+def check_training_inputs(config, input_files, vocabulary, ignore_names, init_checkpoint=None,
+                          dtype="float32"):
     """Every check of a run that needs no graph; raises GPTSANError before anything is written.
 
     Checks the TFRecords (found, num_context), the vocabulary size, the ignore list, and the
@@ -586,6 +587,11 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
     if stored is not None:  # resume: the init checkpoint is not used
         check_checkpoint_shapes(stored, model, model_dir)
         check_resumable(stored, model, ignore_names, train.optimizer, model_dir)
+        dynamic_scale = dtype == "float16" and train.optimizer == "adam"
+        if dynamic_scale and optimization.LOSS_SCALE_VARIABLE not in stored:
+            raise GPTSANError(f"{model_dir} was trained without --use_mixed_precision (it has "
+                              "no loss scale to resume); resume without it, or train into a "
+                              f"new --model_dir with --init_checkpoint {model_dir}")
         return files, None
     if not init_checkpoint:
         return files, None

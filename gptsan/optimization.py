@@ -27,6 +27,7 @@ CLIP_NORM = 1.0  # published clip_by_global_norm(clip_norm=1.0) behind --clip_gr
 MIXED_PRECISION_LOSS_SCALE = 2.0 ** 9  # published grad_scale with --use_mixed_precision
 DYNAMIC_SCALE_INITIAL = 2.0 ** 15  # dynamic fp16 loss scale: start (TF's LossScaleOptimizer)
 DYNAMIC_SCALE_GROWTH_STEPS = 2000  # ... doubled after this many finite steps (TF's default)
+LOSS_SCALE_VARIABLE = "training/loss_scale"  # checkpoint name of the dynamic loss scale
 NO_DECAY_LEAF_NAMES = ("g", "b", "bias")  # LayerNorm gain/bias and dense biases
 NO_DECAY_VARIABLES = ("model/wob",)  # the output-logit bias has no "bias" leaf name
 ADAM_SLOT_SUFFIXES = ("/adam_m", "/adam_v")  # slot names of the published checkpoints
@@ -193,9 +194,9 @@ class DynamicLossScale:
 
     def __init__(self, initial=DYNAMIC_SCALE_INITIAL, growth_steps=DYNAMIC_SCALE_GROWTH_STEPS):
         self.growth_steps = growth_steps
-        with tf.variable_scope("training", reuse=tf.AUTO_REUSE):
-            self.scale = tf.get_variable("loss_scale", initializer=float(initial),
-                                         trainable=False)
+        scope, name = LOSS_SCALE_VARIABLE.split("/")
+        with tf.variable_scope(scope, reuse=tf.AUTO_REUSE):
+            self.scale = tf.get_variable(name, initializer=float(initial), trainable=False)
             self.good_steps = tf.get_variable("loss_scale_good_steps", shape=[],
                                               dtype=tf.int64, trainable=False,
                                               initializer=tf.zeros_initializer())

@@ -56,8 +56,8 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
       variable_dtype: mtf.VariableDType.
       local_experts: each expert may run on exactly its tokens (no one-hot dispatch):
         in inference when the layout keeps the experts whole (mesh model size 1), in
-        training only on a one-slice mesh (TF differentiates the per-slice code, and
-        gradients of whole weights from split batch slices would not be summed).
+        training only on a one-slice mesh (its per-slice weight gradients sum over this
+        slice's tokens only; nothing would add up split batch slices).
       group_size: route in groups of this many token slots (the last group padded)
         instead of the published split of this call's tokens: a prompt prefilled alone
         then routes exactly as at the start of the longer padded sequence it stands for.
@@ -255,7 +255,7 @@ def _routed_experts(tokens, routed, weight, w_in, w_out, differentiable=False):
     def gradient(op, dy, *unused):
         def backward(x, onehot, wi, wo, hidden, dy):
             dx, dwi, dwo = tf.zeros_like(x), [], []
-            for _, where, w1, w2 in _expert_slices(onehot, wi, wo):
+            for where, w1, w2 in _expert_slices(onehot, wi, wo):
                 h = tf.gather_nd(hidden, where)  # [n, f]
                 dy_e = tf.gather_nd(dy, where)  # [n, d]
                 dwo.append(tf.matmul(tf.nn.relu(h), dy_e, transpose_a=True))  # [f, d]
@@ -282,12 +282,12 @@ def _routed_experts(tokens, routed, weight, w_in, w_out, differentiable=False):
 
 
 def _expert_slices(onehot, wi, wo):
-    """(expert, where [n, 2] of its tokens, wi[expert] [d, f], wo[expert] [f, d]) per expert;
-    the weights are tf.slice views (no copy)."""
+    """(where [n, 2] of its tokens, wi[expert] [d, f], wo[expert] [f, d]) per expert; the
+    weights are tf.slice views (no copy)."""
     if wi.shape[0] != onehot.shape[-1]:  # our invariant: only layouts that keep experts whole
         raise ValueError("local_experts=True on a layout that splits the experts")
     for expert in range(wi.shape[0]):
-        yield (expert, tf.where(onehot[:, :, expert] > 0),
+        yield (tf.where(onehot[:, :, expert] > 0),
                tf.slice(wi, [expert, 0, 0], [1, -1, -1])[0],
                tf.slice(wo, [expert, 0, 0], [1, -1, -1])[0])
 
@@ -298,7 +298,7 @@ def _expert_loop(x, onehot, wi, wo, keep_hidden=False):
     y = tf.zeros_like(x)  # [g, s, d]
     hidden = tf.zeros(tf.concat([tf.shape(x)[:2], tf.shape(wi)[2:]], 0), x.dtype) \
         if keep_hidden else None
-    for _, where, w1, w2 in _expert_slices(onehot, wi, wo):
+    for where, w1, w2 in _expert_slices(onehot, wi, wo):
         h = tf.matmul(tf.gather_nd(x, where), w1)  # [n, f]
         y += tf.scatter_nd(where, tf.matmul(tf.nn.relu(h), w2), tf.shape(y, out_type=tf.int64))
         if keep_hidden:

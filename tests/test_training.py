@@ -234,8 +234,14 @@ def test_float16_training_keeps_a_dynamic_loss_scale(work, tmp_path):
     losses = run_train(*args, "--use_mixed_precision")
     assert len(losses) == 3 and all(np.isfinite(v) for _, v in losses)
     stored = read_variables(model_dir)
-    assert stored["training/loss_scale"] == optimization.DYNAMIC_SCALE_INITIAL
+    assert stored[optimization.LOSS_SCALE_VARIABLE] == optimization.DYNAMIC_SCALE_INITIAL
     assert stored["training/loss_scale_good_steps"] == 3
+    plain = str(tmp_path / "fp32")
+    args[args.index("--model_dir") + 1] = plain
+    run_train(*args)
+    args[args.index("--max_training_step") + 1] = "4"
+    with pytest.raises(GPTSANError, match="trained without --use_mixed_precision"):
+        run_train(*args, "--use_mixed_precision")
 
 
 def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
