@@ -5,9 +5,9 @@ share the model variables (`AUTO_REUSE`), so the checkpoint is restored once (pl
 `tf.train.Saver` over the master variables, then `copy_masters_to_slices`) and a new input
 shape only adds its ops. Incremental decoding keeps a fixed-length K/V cache of
 `num_contexts` slots per layer in TF variables ([memory, batch, heads, head_dim]); `prefill`
-writes the prompt's keys/values; each `step` attends to the filled slots (a leading-dim
-slice, never copied) plus its own key, then writes its key/value into the slot at the fed
-position (StridedSliceAssign): no graph rebuild and no cache copy per token.
+writes the prompt's keys/values; each `step` attends to the filled slots only (a
+leading-dim slice) plus its own key, then writes its key/value into the slot at the fed
+position (StridedSliceAssign): no graph rebuild and no cache rewrite per token.
 """
 import collections
 
