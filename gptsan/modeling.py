@@ -11,6 +11,8 @@ shapes are the published checkpoint's (see DESIGN.md "Model").
 import dataclasses
 from typing import List
 
+import numpy as np
+
 from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
 from gptsan.config import SPOUT_DEPTH
@@ -361,6 +363,8 @@ def _cached_context(q, k, v, past, new_mask, dims):
     cache_k, cache_v, length = past
 
     def attend(q, k, v, cache_k, cache_v, length, new_mask):
+        if q.shape[0] * q.shape[1] == 1:
+            return _one_query_attention(q, k, v, cache_k[:length], cache_v[:length])
         old_k, old_v = cache_k[:length, :, None], cache_v[:length, :, None]  # [p, b, 1, h, k]
         old = tf.reduce_sum(q[None] * old_k, -1)  # [p, b, t, h]
         new = tf.reduce_sum(q[:, :, None] * k[:, None], -1)  # [b, t, t', h]
@@ -377,6 +381,29 @@ def _cached_context(q, k, v, past, new_mask, dims):
                          output_shape=q.shape, output_dtype=q.dtype,
                          splittable_dims=[dims.batch, dims.heads], grad_function=0,
                          name="cached_attention")
+
+
+def _one_query_attention(q, k, v, keys, values):
+    """`_cached_context` for one row and one token: its key is always visible.
+
+    q, k, v [1, 1, h, d]; keys, values [p, 1, h, d] (the filled slots) -> [1, 1, h, d].
+    Both products over the slots are single 2-D matmuls (one read of the cache each): with
+    the query as a block-diagonal [h * d, h] matrix, and the values' [h, h * d] product,
+    whose diagonal blocks are the heads' contexts.
+    """
+    heads, width = q.shape[2], q.shape[3]
+    blocks = tf.constant(np.kron(np.eye(heads), np.ones([width, 1])), q.dtype)  # [h*d, h]
+    old = tf.matmul(tf.reshape(keys, [-1, heads * width]),
+                    tf.reshape(q, [heads * width, 1]) * blocks)  # [p, h]
+    new = tf.reduce_sum(q * k, -1)[0]  # [1, h]
+    top = tf.maximum(tf.reduce_max(old, 0, keepdims=True), new)
+    old, new = tf.exp(old - top), tf.exp(new - top)  # [p, h], [1, h]
+    mixed = tf.matmul(old, tf.reshape(values, [-1, heads * width]), transpose_a=True)
+    diagonal = tf.reduce_sum(tf.reshape(mixed, [heads, heads, width])
+                             * tf.constant(np.eye(heads)[:, :, None], q.dtype), 1)  # [h, d]
+    context = (diagonal + tf.transpose(new) * v[0, 0]) / tf.transpose(
+        tf.reduce_sum(old, 0, keepdims=True) + new)
+    return context[None, None]
 
 
 def _ext_mlp(x, dims, variable_dtype, fused, differentiable):

@@ -117,13 +117,16 @@ def test_full_context_with_spout_clips_the_last_position(hf_tiny, tiny_predictor
     assert_experts_match(ours["expert_index"], choices)
 
 
+@pytest.mark.parametrize("rows", [2, 1], ids=["batch2", "one_row"])  # one row: 2-D matmuls
 @pytest.mark.parametrize("mode", ["lm", "prefix", "spout"])
-def test_incremental_decoding_matches_the_full_pass(hf_tiny, tiny_predictor, ids, spout, mode):
-    kwargs = {"lm": {}, "prefix": {"num_precontext": np.array([3, 6], np.int32)},
+def test_incremental_decoding_matches_the_full_pass(hf_tiny, tiny_predictor, ids, spout, mode,
+                                                     rows):
+    ids, spout = ids[:rows], spout[:rows]
+    kwargs = {"lm": {}, "prefix": {"num_precontext": np.array([3, 6][:rows], np.int32)},
               "spout": {"spout": spout}}[mode]
     hf_kwargs = {"lm": {}, "spout": {"spout": spout,
                                      "attention_mask": np.ones(ids.shape, np.float32)},
-                 "prefix": {"token_type_ids": (np.arange(12)[None] < np.array([[3], [6]]))
+                 "prefix": {"token_type_ids": (np.arange(12)[None] < np.array([[3], [6]][:rows]))
                             .astype(np.int64)}}[mode]
     reference, _, _ = run_hf(hf_tiny.hf, ids, **hf_kwargs)
     full = tiny_predictor.forward(ids, **kwargs)
@@ -134,7 +137,7 @@ def test_incremental_decoding_matches_the_full_pass(hf_tiny, tiny_predictor, ids
     assert_logits_match(prefill["logits"], reference[:, :8])
     for t in range(8, 12):
         out = tiny_predictor.step(ids[:, t])
-        assert out["logits"].shape == (2, hf_tiny.config["vocab_size"])
+        assert out["logits"].shape == (rows, hf_tiny.config["vocab_size"])
         assert_logits_match(out["logits"], reference[:, t])
         np.testing.assert_allclose(out["logits"], full["logits"][:, t],
                                    atol=REL_TOL * np.abs(reference).max())
