@@ -106,8 +106,9 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         `switch.switch_ffn`) and one-matmul output projections.
       routing_group_size: optional Switch routing group size (see `switch.switch_ffn`).
       one_slice: the mesh is one device (1x1): per-slice TF code sees whole tensors, so
-        training may use it too, differentiated by TF (the per-expert path of the Switch
-        layers, a segment-sum embedding gradient) instead of one-hot einsums.
+        training may use it too, with its own per-slice gradients (the per-expert Switch
+        path, a segment-sum embedding gradient, matmul projections and tied head) instead
+        of one-hot einsums.
     Returns:
       ModelOutput.
     """
