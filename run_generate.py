@@ -11,6 +11,7 @@ bidirectionally). Everything (config, vocabulary, emoji) comes from `--model DIR
 """
 import sys
 
+from gptsan import fileio
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 from gptsan import generation as gen
 
@@ -77,7 +78,7 @@ def main(argv=None):
         use_cache=not args.no_cache)
     if not args.context and not args.prefix:
         raise GPTSANError("the context is empty: give --context (or --prefix)")
-    gen.check_output_path(args.output, args.force)
+    fileio.check_output_path(args.output, args.force)
     encoder, config = gen.open_model_files(args.model, args.vocabulary, args.emoji)
     special = gen.SpecialTokens.from_encoder(encoder)
     spout = gen.parse_spout(args.spout, config.model.num_spout, args.seed, args.spout_mode)
@@ -99,7 +100,7 @@ def main(argv=None):
     print(END, flush=True)
 
     if args.output:
-        gen.write_json_atomic(args.output, {
+        fileio.write_json_atomic(args.output, {
             "model": args.model, "context": args.context, "prefix": args.prefix,
             "spout": args.spout, "prompt_tokens": prompt.input_ids,
             "num_precontext": prompt.num_precontext, "truncated_tokens": prompt.truncated,

@@ -15,6 +15,7 @@ a float32 array [positions, layers, d]. `--spout` conditions the fill on a class
 run_generate.py (the spout slot comes before SOT and is part of the bidirectional prefix).
 """
 
+from gptsan import fileio
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 from gptsan import generation as gen
 
@@ -43,8 +44,8 @@ def main(argv=None):
         raise GPTSANError("the context is empty: give --context")
     if not args.mask:
         raise GPTSANError("--mask must not be empty")
-    gen.check_output_path(args.output, args.force)
-    gen.check_output_path(args.vectors_all, args.force)
+    fileio.check_output_path(args.output, args.force)
+    fileio.check_output_path(args.vectors_all, args.force)
     if args.vectors_all and not args.vectors_all.endswith(".npy"):
         raise GPTSANError(f"--vectors_all must name a .npy file, got {args.vectors_all}")
     encoder, config = gen.open_model_files(args.model, args.vocabulary, args.emoji)
@@ -76,9 +77,9 @@ def main(argv=None):
     print(f"({vector.size},)  # {vector.shape[0]} layers x {vector.shape[1]} at position {pos}")
 
     if args.vectors_all:
-        gen.save_npy_atomic(args.vectors_all, result.vectors.astype("float32"))
+        fileio.save_npy_atomic(args.vectors_all, result.vectors.astype("float32"))
     if args.output:
-        gen.write_json_atomic(args.output, {
+        fileio.write_json_atomic(args.output, {
             "output_text": text,
             "output_tokens": result.output_tokens,
             "output_scores": result.output_scores,

@@ -1,4 +1,5 @@
-"""Small file helpers shared by the CLIs: JSON reading with one-line errors, atomic writes.
+"""Small file helpers shared by the CLIs: JSON reading with one-line errors, output checks,
+atomic writes.
 
 Paths with a scheme (`gs://bucket/...` for TPU runs, `ram://` in tests) go through
 `tf.io.gfile` (TensorFlow is imported only then); plain paths use the standard library.
@@ -125,3 +126,39 @@ def copy_file_atomic(source, target):
     else:
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
+
+
+def check_output_path(path, force):
+    """Refuses to overwrite an existing output file unless `force` (checked before any work)."""
+    if path and os.path.exists(path) and not force:
+        raise GPTSANError(f"output file {path} exists (use --force to overwrite it)")
+    if path and os.path.isdir(path):
+        raise GPTSANError(f"output {path} is a directory")
+    parent = os.path.dirname(os.path.abspath(path)) if path else None
+    if parent and not os.path.isdir(parent):
+        raise GPTSANError(f"output directory {parent} does not exist")
+
+
+def write_json_atomic(path, data, indent=None):
+    """Writes JSON via a temp file + rename: never leaves a partial file."""
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+
+
+def print_report(report, path=None):
+    """Prints a benchmark's JSON report and, with `path`, also writes it there (atomic)."""
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    if path:
+        write_json_atomic(path, report, indent=2)
+
+
+def save_npy_atomic(path, array):
+    """np.save via a temp file + rename: never leaves a partial file."""
+    import numpy as np
+
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -32,7 +32,6 @@ import numpy as np
 from gptsan.data import SpecialTokens, lm_transform  # noqa: F401 (callers use gen.SpecialTokens)
 from gptsan import fileio
 from gptsan.errors import GPTSANError
-from gptsan.fileio import write_text_atomic
 
 BAG_EXTRA_REPEATS = 2  # published run_generate.py appends the previous token twice per BAG
 NEG_INF = -np.inf
@@ -619,32 +618,6 @@ def open_predictor(model_dir, batch_size=1, mesh_shape=None):
     from gptsan.inference import Predictor
 
     return Predictor(model_dir, mesh_shape=mesh_shape, batch_size=batch_size)
-
-
-def check_output_path(path, force):
-    """Refuses to overwrite an existing output file unless `force` (checked before any work)."""
-    if path and os.path.exists(path) and not force:
-        raise GPTSANError(f"output file {path} exists (use --force to overwrite it)")
-    if path and os.path.isdir(path):
-        raise GPTSANError(f"output {path} is a directory")
-    parent = os.path.dirname(os.path.abspath(path)) if path else None
-    if parent and not os.path.isdir(parent):
-        raise GPTSANError(f"output directory {parent} does not exist")
-
-
-def write_json_atomic(path, data):
-    """Writes JSON via a temp file + rename: never leaves a partial file."""
-    write_text_atomic(path, json.dumps(data, ensure_ascii=False) + "\n")
-
-
-def save_npy_atomic(path, array):
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _require(condition, message):

@@ -8,7 +8,6 @@ latency of the first vs last 32 steps, and the max logit difference as a sanity 
     python scripts/bench_forward.py [--config configs/small.json] [--output bench.json]
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptsan.config import GPTSANConfig  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.fileio import write_text_atomic  # noqa: E402
+from gptsan.fileio import check_output_path, print_report  # noqa: E402
 
 THREADS = 2  # the benchmark machine's cores; both frameworks get the same
 FORWARD_BATCH, FORWARD_LENGTH = 8, 256
@@ -34,6 +33,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join("configs", "small.json"))
     parser.add_argument("--output", help="also write the JSON here")
+    parser.add_argument("--force", action="store_true", help="overwrite --output")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -153,6 +153,7 @@ def window_ms(steps):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_path(args.output, args.force)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -209,10 +210,7 @@ def main(argv=None):
                                                        - theirs["decode_logits"]).max()),
                    "max_abs_logit": float(np.abs(theirs["decode_logits"]).max())},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        write_text_atomic(args.output, text + "\n")
+    print_report(result, args.output)
     return 0
 
 

@@ -25,6 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from gptsan import fileio  # noqa: E402
 from gptsan import generation as gen  # noqa: E402
 from gptsan.config import GPTSANConfig  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
@@ -171,7 +172,7 @@ def main(argv=None):
         run_engine(args)
         return 0
     if args.output:
-        gen.check_output_path(args.output, args.force)
+        fileio.check_output_path(args.output, args.force)
     if args.new_tokens < 2 * args.window:
         raise GPTSANError(f"--new_tokens must be >= 2 * --window ({2 * args.window})")
     config = GPTSANConfig.from_json_file(args.config)
@@ -217,9 +218,7 @@ def main(argv=None):
         # HF neither masks control tokens nor feeds SEP for punctuation, and it drops/passes
         # over-capacity tokens differently: equal tokens are not expected in general.
         report["hf_same_tokens_as_cached"] = tokens["hf"] == tokens["cached"]
-    print(json.dumps(report, indent=2))
-    if args.output:
-        gen.write_json_atomic(args.output, report)
+    fileio.print_report(report, args.output)
     return 0
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from gptsan.config import GPTSANConfig  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.fileio import write_text_atomic  # noqa: E402
+from gptsan.fileio import check_output_path, print_report  # noqa: E402
 
 TARGET_RATIO = 1.0  # the brief's target: GPTSAN tokens/s >= HF PyTorch tokens/s
 ENGINES = ("gptsan", "hf")
@@ -140,8 +140,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     config = GPTSANConfig.from_json_file(args.config)
-    if args.output and os.path.exists(args.output) and not args.force:
-        raise GPTSANError(f"{args.output} exists (use --force to overwrite)")
+    check_output_path(args.output, args.force)
     tokens = args.batch_size * config.model.num_contexts
     if args.engine:
         times, losses = (bench_gptsan if args.engine == "gptsan" else bench_hf)(config, args)
@@ -158,10 +157,7 @@ def main(argv=None):
               "cpu_threads": os.cpu_count(), "gptsan": results["gptsan"],
               "hf_pytorch": results["hf"], "ratio": round(ratio, 3), "target": TARGET_RATIO,
               "meets_target": ratio >= TARGET_RATIO}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.output:
-        write_text_atomic(args.output, text + "\n")
+    print_report(report, args.output)
     return 0
 
 
