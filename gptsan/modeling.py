@@ -85,7 +85,7 @@ def variable_shapes(config):
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
                 variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None,
-                one_slice=False):
+                one_slice=False, group_routing=None):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -105,6 +105,8 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         whole on every slice): enables the per-expert gather/scatter path (see
         `switch.switch_ffn`) and one-matmul output projections.
       routing_group_size: optional Switch routing group size (see `switch.switch_ffn`).
+      group_routing: optional list of `switch.GroupRouting`, one per Switch layer (a cached
+        step continuing a routed group).
       one_slice: the mesh is one device (1x1): per-slice TF code sees whole tensors, so
         training may use it too, with its own per-slice gradients (the per-expert Switch
         path, a segment-sum embedding gradient, matmul projections and tied head) instead
@@ -186,7 +188,9 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
                 y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype,
                                                   local_experts=one_slice if train
                                                   else unsplit_model,
-                                                  group_size=routing_group_size)
+                                                  group_size=routing_group_size,
+                                                  group_routing=None if group_routing is None
+                                                  else group_routing[layer])
             aux_loss += loss
             stats.append(layer_stats)
         else:

@@ -2,7 +2,8 @@
 
 Runs the real CLIs (`run_generate.py`, `run_languagemodel.py`) on the bundled demo model
 `models/demo` (a small Switch Transformer trained on data/sample by `make demo-model`):
-streaming generation, spout-steered generation, hybrid generation with a prefix, [MASK]
+generation with the published defaults, streaming generation with the project sampler,
+spout-steered generation, hybrid generation with a prefix, [MASK]
 filling and a hidden-vector dump to JSON. Without `models/demo` it shows only the tokenizer.
 """
 import argparse
@@ -63,8 +64,14 @@ def run_cli_step(title, args):
 
 
 def demo_model(model, work_dir):
-    sampling = ["--top_k", "40", "--max_generate", str(MAX_GENERATE), "--seed", str(SEED)]
-    run_cli_step("Text generation from a prompt (tokens stream as they are sampled)",
+    run_cli_step("Text generation with the published defaults (4 rows sampled from the top 120; "
+                 "every row printed)",
+                 ["run_generate.py", "--model", model, "--context", "今日は", "--max_generate",
+                  str(MAX_GENERATE), "--seed", str(SEED), "--quiet"])
+    sampling = ["--decoder", "sample", "--top_k", "40", "--max_generate", str(MAX_GENERATE),
+                "--seed", str(SEED)]
+    run_cli_step("Text generation from a prompt with the project sampler (tokens stream as "
+                 "they are sampled)",
                  ["run_generate.py", "--model", model, "--context", "今日は"] + sampling)
     for class_id, name in SPOUT_CLASSES:
         run_cli_step(f"Generation steered by the spout: class {class_id} = {name}",
