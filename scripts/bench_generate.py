@@ -106,8 +106,12 @@ def run_engine(args):
     use_cache = args.engine == "cached"
     no_eot = [t for t in range(special.vocab_size) if t != special.eot]
     greedy = dict(decoder="sample", beam_width=1, top_k=1, use_cache=use_cache)
-    warm = gen.GenerationSettings(max_generate=4, **greedy)
-    gen.generate(predictor, prompt, special, warm)  # graph build / first-run costs
+    # Graph builds / first-run costs: the prefill program of this run's routing length (it
+    # follows max_generate, as the published padding does), then the step program.
+    for warm in (gen.GenerationSettings(max_generate=args.new_tokens, **greedy,
+                                        allowed_tokens=[special.eot]),
+                 gen.GenerationSettings(max_generate=4, **greedy)):
+        gen.generate(predictor, prompt, special, warm)
     settings = gen.GenerationSettings(max_generate=args.new_tokens, allowed_tokens=no_eot,
                                       **greedy)
     stamps = []
