@@ -23,7 +23,6 @@ def _run(script, *args):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    pytest.importorskip("gptsan.inference", reason="gptsan/inference.py (H3) not present yet")
     return make_tiny_model_dir(str(tmp_path_factory.mktemp("cli") / "tiny"), seed=1)
 
 
@@ -195,7 +194,6 @@ def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
 def test_bench_generate_smoke(tmp_path):
     """The benchmark runs end to end (tiny config, few tokens): cached vs HF generate."""
     pytest.importorskip("transformers")
-    pytest.importorskip("gptsan.inference", reason="gptsan/inference.py (H3) not present yet")
     out = tmp_path / "bench.json"
     result = _run(os.path.join(ROOT, "scripts", "bench_generate.py"), "--config",
                   os.path.join(ROOT, "configs", "tiny.json"), "--new_tokens", "8",
