@@ -195,9 +195,11 @@ def write_tiny_vocabulary(directory):
 
 
 def make_tiny_model_dir(path, seed=0, **overrides):
-    """A GPTSAN model directory with random weights and its own vocabulary copy."""
+    """A GPTSAN model directory with random weights and its own vocabulary copy, recorded in
+    parameters.json as the project records it (gptsan.fingerprint)."""
     from gptsan import checkpoint as ck
     from gptsan.config import GPTSANConfig, ModelConfig
+    from gptsan.fingerprint import VocabularyFiles
 
     vocab_dir = os.path.join(os.path.dirname(path), os.path.basename(path) + "-vocab")
     os.makedirs(vocab_dir, exist_ok=True)
@@ -208,9 +210,11 @@ def make_tiny_model_dir(path, seed=0, **overrides):
     for name, shape in ck.expected_variable_shapes(model).items():
         value = rng.standard_normal(shape) * WEIGHT_STD
         variables[name] = (value + 1.0 if name.endswith("/g") else value).astype(np.float32)
-    ck.write_tf_checkpoint(path, variables, GPTSANConfig(model=model), files={
-        ck.VOCAB_FILE: os.path.join(vocab_dir, ck.VOCAB_FILE),
-        ck.EMOJI_FILE: os.path.join(vocab_dir, ck.EMOJI_FILE)})
+    vocabulary = VocabularyFiles.of(os.path.join(vocab_dir, ck.VOCAB_FILE),
+                                    os.path.join(vocab_dir, ck.EMOJI_FILE))
+    record = vocabulary.record()
+    ck.write_tf_checkpoint(path, variables, GPTSANConfig(model=model, vocabulary=record),
+                           files=vocabulary.model_dir_files(record))
     return path
 
 
@@ -238,7 +242,6 @@ def test_model_input_is_the_training_rewrite(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    pytest.importorskip("gptsan.inference", reason="gptsan/inference.py (H3) not present yet")
     return make_tiny_model_dir(str(tmp_path_factory.mktemp("gen") / "tiny"))
 
 
