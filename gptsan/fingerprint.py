@@ -379,11 +379,14 @@ def records_vocabulary(shards):
     The record is the `<prefix>.vocabulary.json` dict (+ "sidecar": its path); shards made with
     different vocabularies are refused.
     """
-    found, unrecorded = {}, []
+    found, absent, unrecorded = {}, set(), []
     for shard in shards:
         sidecar = records_sidecar(shard)
-        if sidecar and sidecar not in found and fileio.isfile(sidecar):
-            found[sidecar] = _read_sidecar(sidecar)
+        if sidecar and sidecar not in found and sidecar not in absent:
+            if fileio.isfile(sidecar):  # once per prefix (a bucket may hold many shards)
+                found[sidecar] = _read_sidecar(sidecar)
+            else:
+                absent.add(sidecar)
         if not (sidecar and sidecar in found):
             unrecorded.append(shard)
     records = list(found.values())

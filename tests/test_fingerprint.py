@@ -215,6 +215,17 @@ def test_show_tfrecord_without_a_record_needs_a_vocabulary(records, capsys, tmp_
     assert_refused(run(capsys, "scripts/show_tfrecord.py", renamed), renamed, "--vocabulary")
 
 
+def test_shards_without_a_record_are_named(records, tmp_path):
+    renamed = str(tmp_path / "data_0000.tfrecord")  # a prefix without <prefix>.vocabulary.json
+    shutil.copy(records["demo"] + "_0000.tfrecord", renamed)
+    assert fp.records_vocabulary([renamed]) == (None, [renamed])
+    config = GPTSANConfig.from_json_file(os.path.join(ROOT, "configs", "demo.json"))
+    with pytest.raises(GPTSANError, match="no vocabulary: pass --vocabulary"):
+        fp.training_vocabulary(config, record_files=[renamed])
+    files, _ = fp.training_vocabulary(config, DEMO_VOCAB, record_files=[renamed])
+    assert "carry no vocabulary fingerprint" in files.note and renamed in files.note
+
+
 def test_records_of_two_vocabularies_are_refused(records):
     shards = [records["demo"] + "_0000.tfrecord", records["project"] + "_0000.tfrecord"]
     with pytest.raises(fp.VocabularyMismatch, match="different vocabularies"):
@@ -337,11 +348,6 @@ def test_unrecorded_directory_needs_the_published_vocabulary(published_style, ca
     shutil.copy(PROJECT_EMOJI, model_dir)
     assert_refused(run(capsys, "run_languagemodel.py", "--model", model_dir, "--context", "あ"),
                    os.path.join(model_dir, "ja-swe36k.txt"), "not the published one")
-    # --vocabulary must agree with the directory's own copy
-    vocab, emoji = published_files()
-    assert_refused(run(capsys, "run_generate.py", "--model", model_dir, "--context", "あ",
-                       "--vocabulary", vocab, "--emoji", emoji),
-                   vocab, os.path.join(model_dir, "ja-swe36k.txt"))
 
 
 def test_unrecorded_directory_with_the_published_vocabulary_says_so(published_style, capsys,
@@ -351,6 +357,12 @@ def test_unrecorded_directory_with_the_published_vocabulary_says_so(published_st
     vocab, emoji = published_files()
     model_dir = str(tmp_path / "model")
     shutil.copytree(published_style, model_dir)
+    shutil.copy(PROJECT_VOCAB, model_dir)
+    shutil.copy(PROJECT_EMOJI, model_dir)
+    # --vocabulary must agree with the directory's own copy (here the wrong one)
+    assert_refused(run(capsys, "run_generate.py", "--model", model_dir, "--context", "あ",
+                       "--vocabulary", vocab, "--emoji", emoji),
+                   vocab, os.path.join(model_dir, "ja-swe36k.txt"))
     shutil.copy(vocab, model_dir)
     shutil.copy(emoji, model_dir)
     encoder, _ = gen.open_model_files(model_dir)
