@@ -6,7 +6,7 @@ spout/past slots), P past slots, D d_model, H heads, K head_dim, V vocab, L laye
 Per layer (post-sublayer LayerNorm, published): x = x + LN_an(Attention(x));
 x = x + LN_ln(SwitchFFN(x) + tanh(x . softmlp)) for Switch layers, or
 x = x + LN_ln(swish(x . p1 + b1) . p2 + b2) for extra layers. Variable names and
-shapes are the published checkpoint's (see DESIGN.md "Model").
+shapes are the published checkpoint's (docs/ARCHITECTURE.md "Forward pass", "Checkpoint names").
 """
 import dataclasses
 from typing import List
@@ -55,7 +55,8 @@ class ModelOutput:
 
 
 def variable_shapes(config):
-    """{TF variable name: shape} of the checkpoint for `config` (DESIGN.md "Model")."""
+    """{TF variable name: shape} of the checkpoint for `config` (docs/ARCHITECTURE.md
+    "Checkpoint names")."""
     d, v, c = config.num_hidden, config.num_vocabulary, config.num_contexts
     h, k = config.num_header, config.head_dim
     shapes = {"model/wte": [v, d], "model/wpe": [c, d], "model/dense/kernel": [d, d],
