@@ -1,6 +1,7 @@
 """Checkpoint conversion (GPTSAN TF <-> HF transformers) and adding extra layers."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -271,9 +272,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(model_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["junk", "o"]
 
 
-def test_add_layers_cli(model_dir, tmp_path):
+NEW_LAYER_LEAVES = [("att", "qkv/kernel"), ("att", "o/kernel"), ("an", "g"), ("an", "b"),
+                    ("ln", "g"), ("ln", "b"), ("mlp", "p1/kernel"), ("mlp", "p1/bias"),
+                    ("mlp", "p2/kernel"), ("mlp", "p2/bias")]
+
+
+def test_add_layers_project_alternatives(model_dir, tmp_path):
+    """--init fan_in --spout_out extend --frozen existing: the project's own choices."""
     dst = tmp_path / "bigger"
-    result = _run(ADD_LAYERS, "--src", model_dir, "--dst", str(dst), "--add_extra_stage", "2")
+    result = _run(ADD_LAYERS, "--src", model_dir, "--dst", str(dst), "--add_extra_stage", "2",
+                  "--init", "fan_in", "--spout_out", "extend", "--frozen", "existing")
     assert result.returncode == 0, result.stderr
     old = ck.read_tf_checkpoint(model_dir)
     new = ck.read_tf_checkpoint(str(dst))
@@ -281,10 +289,7 @@ def test_add_layers_cli(model_dir, tmp_path):
         if name != "pasts/out/kernel":
             np.testing.assert_array_equal(new[name], value, err_msg=name)
     added = set(new) - set(old)
-    assert added == {f"model/{part}{i}/{leaf}" for i in (3, 4) for part, leaf in [
-        ("att", "qkv/kernel"), ("att", "o/kernel"), ("an", "g"), ("an", "b"), ("ln", "g"),
-        ("ln", "b"), ("mlp", "p1/kernel"), ("mlp", "p1/bias"), ("mlp", "p2/kernel"),
-        ("mlp", "p2/bias")]}
+    assert added == {f"model/{part}{i}/{leaf}" for i in (3, 4) for part, leaf in NEW_LAYER_LEAVES}
     assert new["model/mlp4/p1/kernel"].shape == (D, EXT)  # the model's extra-layer width
     np.testing.assert_array_equal(new["model/an3/g"], np.ones(D))
     np.testing.assert_array_equal(new["model/ln4/b"], np.zeros(D))
@@ -301,6 +306,65 @@ def test_add_layers_cli(model_dir, tmp_path):
     frozen = json.load(open(dst / "ignore-params.json"))
     assert frozen == sorted(set(old) - {"pasts/out/kernel"})
     assert os.path.exists(dst / ck.VOCAB_FILE) and os.path.exists(dst / ck.EMOJI_FILE)
+
+
+def test_add_layers_defaults_are_the_published_tool(model_dir, tmp_path):
+    """An independent statement of what HEAD's tools/run_modelconvert.py writes for
+    --add_extra_stage N, checked against our default output."""
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+    source_ignore = ["model/wte", "model/att0/qkv/kernel", "pasts/mlp0/kernel"]
+    (src / "ignore-params.json").write_text(json.dumps(source_ignore))
+    dst = tmp_path / "GPTSAN-finetune"
+    n = 2
+    result = _run(ADD_LAYERS, "--src", str(src), "--dst", str(dst), "--add_extra_stage", str(n))
+    assert result.returncode == 0, result.stderr
+    old = ck.read_tf_checkpoint(str(src))
+    reader = tf.train.load_checkpoint(str(dst))
+    stored = reader.get_variable_to_shape_map()
+    new = {name: reader.get_tensor(name) for name in stored}
+    # HEAD: every source variable except pasts/out/kernel is copied as is ...
+    kept = sorted(set(old) - {"pasts/out/kernel"})
+    for name in kept:
+        np.testing.assert_array_equal(new[name], old[name], err_msg=name)
+    # ... and for each new layer l: an/ln b=0, g=1, and N(0,1)*0.02 for the four kernels AND
+    # the two MLP biases, pasts/out/kernel drawn anew likewise. HEAD's MLP width is
+    # 4 * num_hidden, which published models always have; ours is num_ext_hidden (EXT here).
+    layers = range(L, L + n)
+    expected_new = {f"model/{part}{i}/{leaf}" for i in layers for part, leaf in NEW_LAYER_LEAVES}
+    expected_new.add("pasts/out/kernel")
+    assert set(stored) == set(kept) | expected_new | {"global_step"}  # no optimizer slots
+    assert not any(name.endswith(("/adam_m", "/adam_v")) for name in stored)
+    assert new["global_step"] == 0
+    randoms = {"qkv/kernel": (D, 3, H, HD), "o/kernel": (H, HD, D), "p1/kernel": (D, EXT),
+               "p1/bias": (EXT,), "p2/kernel": (EXT, D), "p2/bias": (D,)}
+    for i in layers:
+        for norm in ("an", "ln"):
+            np.testing.assert_array_equal(new[f"model/{norm}{i}/g"], np.ones(D, np.float32))
+            np.testing.assert_array_equal(new[f"model/{norm}{i}/b"], np.zeros(D, np.float32))
+        for leaf, shape in randoms.items():
+            part = "att" if leaf.endswith("/kernel") and leaf[0] in "qo" else "mlp"
+            value = new[f"model/{part}{i}/{leaf}"]
+            assert value.shape == shape and value.dtype == np.float32
+            assert abs(value.mean()) < 0.01 and 0.013 < value.std() < 0.027, (i, leaf)
+    spout_out = new["pasts/out/kernel"]
+    assert spout_out.shape == (SP, (L + n) * 2 * D)
+    assert abs(spout_out.mean()) < 0.002 and 0.019 < spout_out.std() < 0.021
+    assert not np.array_equal(spout_out[:, :L * 2 * D], old["pasts/out/kernel"])
+    params = json.load(open(dst / "parameters.json"))
+    source_params = json.load(open(src / "parameters.json"))
+    assert params["model_params"] == dict(source_params["model_params"],
+                                          num_ext_layers=source_params["model_params"][
+                                              "num_ext_layers"] + n)
+    assert params["train_params"]["output_dir"] == "GPTSAN-finetune"
+    assert json.load(open(dst / "ignore-params.json")) == source_ignore  # unchanged
+    assert json.load(open(dst / "transformer-params.json")) == kept
+    assert sorted(json.load(open(dst / "all-params.json"))) == sorted(set(kept) | expected_new)
+    # HEAD refuses a source without ignore-params.json; we point at --frozen existing
+    result = _run(ADD_LAYERS, "--src", model_dir, "--dst", str(tmp_path / "x"),
+                  "--add_extra_stage", "1")
+    assert result.returncode == 2 and "--frozen existing" in result.stderr
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_names_and_shapes_agree_with_the_model_graph():
@@ -320,12 +384,13 @@ def test_add_layers_to_switch_only_model_creates_zero_ete_and_loads_in_hf(tmp_pa
     rng = np.random.default_rng(1)
     variables = {n: rng.standard_normal(s).astype(np.float32)
                  for n, s in ck.expected_variable_shapes(model).items()}
-    new, new_model, frozen = ck.add_extra_layers(variables, model, 1, seed=3)
+    new, new_model, kept, added = ck.add_extra_layers(variables, model, 1, seed=3)
     assert new_model.num_ext_layers == 1 and new_model.num_ext_hidden == 4 * 16
-    assert not new["model/ete"].any() and "pasts/out/kernel" not in new
-    assert frozen == sorted(variables)
-    again, _, _ = ck.add_extra_layers(variables, model, 1, seed=3)
-    np.testing.assert_array_equal(again["model/mlp1/p1/kernel"], new["model/mlp1/p1/kernel"])
+    assert not new["model/ete"].load().any() and "pasts/out/kernel" not in new
+    assert kept == sorted(variables) and "model/ete" in added
+    again = ck.add_extra_layers(variables, model, 1, seed=3)[0]
+    np.testing.assert_array_equal(again["model/mlp1/p1/kernel"].load(),
+                                  new["model/mlp1/p1/kernel"].load())
     ck.write_tf_checkpoint(str(tmp_path / "m"), new, new_model)
     ck.convert_gptsan_to_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
     hf_model, info = transformers.GPTSanJapaneseForConditionalGeneration.from_pretrained(

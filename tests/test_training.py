@@ -249,7 +249,7 @@ def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
 
     source_dir, _ = trained(work, "lm")
     extended = str(tmp_path / "extended")
-    add_layers_to_model_dir(source_dir, extended, 1, seed=0)
+    add_layers_to_model_dir(source_dir, extended, 1, seed=0, frozen="existing")
     ignore = os.path.join(extended, IGNORE_PARAMS_FILE)
     tuned = str(tmp_path / "tuned")
     run_train("--init_checkpoint", extended, "--ignore_parameters", ignore,
@@ -364,7 +364,7 @@ def test_checkpoint_mismatches_are_refused(work, tmp_path):
                  common_args(work, "lm", source_dir)[2:] + ["--vocabulary", str(vocab)])
     from gptsan.checkpoint import add_layers_to_model_dir
     extended = str(tmp_path / "extended")
-    add_layers_to_model_dir(source_dir, extended, 1)
+    add_layers_to_model_dir(source_dir, extended, 1, frozen="existing")
     with pytest.raises(GPTSANError, match="without adam training state"):
         cli.main(["--input_files", work["records"]["lm"], "--model_dir", extended,
                   "--mesh_shape", MESH])
