@@ -113,6 +113,21 @@ def expected_variable_shapes(model):
     return {tf_name: shape for tf_name, _, _, shape in _mapping(model)}
 
 
+RANDOM_WEIGHT_STD = 0.05  # random_variables: small enough that activations stay in range
+
+
+def random_variables(model, seed=0, std=RANDOM_WEIGHT_STD):
+    """{TF name: TensorRef} of random weights (LayerNorm gains 1, the rest N(0, std)), each
+    drawn when loaded from its own generator (seed, crc32(name)): benchmarks write any model
+    size with one tensor in memory at a time."""
+    refs = {}
+    for name, shape in expected_variable_shapes(model).items():
+        load = (functools.partial(_filled, shape, 1.0) if name.endswith("/g") else
+                functools.partial(_draw_normal, seed, name, shape, std))
+        refs[name] = TensorRef(shape, np.dtype(np.float32), load)
+    return refs
+
+
 def _mapping(model):
     """Yields (tf_name, hf_name or tuple of hf_names, layout, tf_shape) for a ModelConfig."""
     d, v, c = model.num_hidden, model.num_vocabulary, model.num_contexts
@@ -193,24 +208,28 @@ def _to_hf(layout, value):
     return [_hf_piece(layout, value, k) for k in range(_num_hf_pieces(layout, value.shape))]
 
 
-def _to_tf(layout, values, tf_shape):
-    """List of HF arrays -> TF array of `tf_shape`."""
+def _to_tf(layout, values, tf_shape, dtype=None):
+    """List of HF arrays -> TF array of `tf_shape` and `dtype` (default: the arrays'), written
+    into TF-aligned memory (float16/bfloat16 -> float32 is exact)."""
+    out = tensorio.aligned_empty(tf_shape, dtype or values[0].dtype)
     if layout == "copy":
-        out = values[0]
+        out[...] = values[0]
     elif layout == "transpose":
-        out = values[0].T
+        out[...] = values[0].T
     elif layout == "row":
-        out = values[0][0]
-    elif layout == "qkv":
+        out[...] = values[0][0]
+    elif layout == "qkv":  # 3 x [H*hd, d] -> [d, 3, H, hd]
         d, _, h, hd = tf_shape
-        out = np.stack([w.T.reshape(d, h, hd) for w in values], axis=1)  # [d, 3, H, hd]
-    elif layout == "heads_out":
-        out = values[0].T.reshape(tf_shape)  # [H, hd, d]
-    elif layout == "experts":
-        out = np.stack([w.T for w in values])  # [E, a, b]
+        for j, w in enumerate(values):
+            out[:, j] = w.T.reshape(d, h, hd)
+    elif layout == "heads_out":  # [d, H*hd] -> [H, hd, d]
+        out[...] = values[0].T.reshape(tf_shape)
+    elif layout == "experts":  # E x [b, a] -> [E, a, b]
+        for e, w in enumerate(values):
+            out[e] = w.T
     else:
         raise AssertionError(f"unknown layout {layout}")
-    return np.ascontiguousarray(out)
+    return out
 
 
 def _shape_str(shape):
@@ -428,9 +447,8 @@ def hf_to_tf_refs(hf_state, num_heads, source="the HF weights", dtype=np.float32
 
 
 def _tf_from_hf(hf_refs, layout, tf_shape, dtype):
-    """One TF array from its HF tensors, each cast to `dtype` as it is read (exact widening)."""
-    return _to_tf(layout, [tensorio.cast_floating(ref.load(), dtype) for ref in hf_refs],
-                  tf_shape)
+    """One TF array of `dtype` from its HF tensors."""
+    return _to_tf(layout, [ref.load() for ref in hf_refs], tf_shape, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,7 +585,9 @@ def _save_variables(directory, variables, step, progress, dtype=None):
     name = f"{CHECKPOINT_BASENAME}-{step}"
     writer = tensorio.CheckpointWriter(os.path.join(directory, name))
     for var_name in tqdm(sorted(variables), desc="writing", unit="var", disable=not progress):
-        writer.add(var_name, tensorio.cast_floating(tensorio.value_of(variables[var_name]), dtype))
+        value = tensorio.value_of(variables[var_name])
+        writer.add(var_name, value, dtype if dtype and tensorio.is_floating(value.dtype) else None)
+        del value
     writer.add(GLOBAL_STEP_NAME, np.int64(step))
     writer.close()
     tensorio.write_checkpoint_state(directory, name)
@@ -845,7 +865,7 @@ def add_extra_layers(variables, model, num_new, seed=0, init="published", spout_
 
     def const(name, fill):
         return TensorRef(shapes[name], np.dtype(np.float32),
-                         functools.partial(np.full, shapes[name], fill, np.float32))
+                         functools.partial(_filled, shapes[name], fill))
 
     added = {}
     for layer in range(model.num_layers, new_model.num_layers):
@@ -875,13 +895,22 @@ def add_extra_layers(variables, model, num_new, seed=0, init="published", spout_
 
 def _draw_normal(seed, name, shape, std):
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+    value = rng.standard_normal(dtype=np.float32, out=tensorio.aligned_empty(shape, np.float32))
+    value *= np.float32(std)  # in place: one array of the tensor's size
+    return value
+
+
+def _filled(shape, fill):
+    value = tensorio.aligned_empty(shape, np.float32)
+    value.fill(fill)
+    return value
 
 
 def _zero_extend(old, shape):
     old = tensorio.value_of(old)  # [spout, L*2*d]
-    grown = np.zeros(shape, old.dtype)  # [spout, (L+N)*2*d]
+    grown = tensorio.aligned_empty(shape, old.dtype)  # [spout, (L+N)*2*d]
     grown[:, :old.shape[1]] = old
+    grown[:, old.shape[1]:] = 0
     return grown
 
 

@@ -33,6 +33,39 @@ WRITE_GROUP_BYTES = 256 * 2 ** 20  # CheckpointWriter: tensors saved per SaveV2 
 SAFETENSORS_ALIGNMENT = 8  # the header is padded with spaces to a multiple of 8 (format spec)
 SAFETENSORS_FORMAT = {"format": "pt"}  # metadata transformers' from_pretrained requires
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # storage dtypes a user may choose
+TF_ALIGNMENT = 64  # TensorFlow's EIGEN_MAX_ALIGN_BYTES on x86: a fed array so aligned is not copied
+
+
+def use_plain_cpu_allocator():
+    """Makes TensorFlow (imported later) return freed tensor memory to the system.
+
+    TF's oneDNN CPU allocator pools freed memory and never gives it back, so a tool that
+    streams tensors through TF would keep the largest ones it saw. Conversions compute
+    nothing, so they lose nothing without oneDNN. Call before TensorFlow is imported.
+    """
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialised array in memory aligned for TensorFlow (EIGEN_MAX_ALIGN_BYTES): fed to
+    a session, TF shares its buffer instead of copying it."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(nbytes + TF_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % TF_ALIGNMENT
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned(value, dtype=None):
+    """`value` (cast to `dtype` if given) in TF-aligned memory; no copy when it already is."""
+    value = np.asarray(value)
+    dtype = value.dtype if dtype is None else np.dtype(dtype)
+    if value.dtype == dtype and value.flags.c_contiguous and \
+            value.ctypes.data % TF_ALIGNMENT == 0:
+        return value
+    out = aligned_empty(value.shape, dtype)
+    out[...] = value
+    return out
 
 
 def bfloat16():
@@ -147,13 +180,13 @@ def read_safetensors(path):
 
 
 def _read_range(path, offset, dtype, shape):
-    count = int(np.prod(shape, dtype=np.int64))
+    array = aligned_empty(shape, dtype)
     with open(path, "rb") as f:
         f.seek(offset)
-        array = np.fromfile(f, dtype=dtype, count=count)
-    if array.size != count:
+        read = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+    if read != array.nbytes:
         raise GPTSANError(f"{path} is truncated")
-    return array.reshape(shape)
+    return array
 
 
 def write_safetensors(path, tensors, metadata=None, progress=None):
@@ -339,13 +372,19 @@ class CheckpointWriter:
         self._graph = tf.Graph()
         self._session = tf.Session(graph=self._graph,
                                    config=tf.ConfigProto(device_count={"GPU": 0}))
+        with self._graph.as_default():
+            self._noop = tf.no_op()
 
-    def add(self, name, value):
+    def add(self, name, value, dtype=None):
+        """Queues `value` (cast to `dtype` if given); saves the group once it is full."""
         value = np.asarray(value)
-        if self._group and self._group_size + value.nbytes > self.group_bytes:
+        nbytes = value.size * (value.dtype if dtype is None else np.dtype(dtype)).itemsize
+        if self._group and self._group_size + nbytes > self.group_bytes:
             self._flush()
-        self._group.append((name, value))
-        self._group_size += value.nbytes
+        self._group.append((name, aligned(value, dtype)))
+        self._group_size += nbytes
+        if self._group_size >= self.group_bytes:  # a large tensor is saved at once
+            self._flush()
 
     def _flush(self):
         tf = self._tf
@@ -358,6 +397,9 @@ class CheckpointWriter:
         self._session.run(save, dict(zip(placeholders, (v for _, v in self._group))))
         self._parts.append(part)
         self._group, self._group_size = [], 0
+        # TF releases fed numpy arrays only at the start of the next run (its delayed decref):
+        # run a no-op so this group's arrays are freed now, not together with the next group's.
+        self._session.run(self._noop)
 
     def close(self):
         """Saves the last group and merges every part into `prefix`."""

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from gptsan.checkpoint import (ADD_INITS, FROZEN_LISTS, IGNORE_PARAMS_FILE,  # noqa: E402
                                SPOUT_OUTS, add_layers_to_model_dir)
+from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
 from gptsan.errors import ArgumentParser, run_cli  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    use_plain_cpu_allocator()
     config = add_layers_to_model_dir(args.src, args.dst, args.add_extra_stage, seed=args.seed,
                                      force=args.force, progress=True, init=args.init,
                                      spout_out=args.spout_out, frozen=args.frozen)

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from gptsan.checkpoint import (convert_gptsan_to_hf, convert_hf_to_gptsan,  # noqa: E402
                                detect_format)
+from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
 from gptsan.tensorio import FLOAT_DTYPES  # noqa: E402
 
@@ -41,6 +42,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    use_plain_cpu_allocator()
     source_format = args.source_format or detect_format(args.src)
     if source_format == "hf":
         config = convert_hf_to_gptsan(args.src, args.dst, vocab=args.vocabulary, emoji=args.emoji,
