@@ -31,6 +31,7 @@ from gptsan.errors import GPTSANError
 
 WRITE_GROUP_BYTES = 256 * 2 ** 20  # CheckpointWriter: tensors saved per SaveV2 call (bounded RSS)
 SAFETENSORS_ALIGNMENT = 8  # the header is padded with spaces to a multiple of 8 (format spec)
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's limit on the JSON header (bytes)
 SAFETENSORS_FORMAT = {"format": "pt"}  # metadata transformers' from_pretrained requires
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # storage dtypes a user may choose
 TF_ALIGNMENT = 64  # TensorFlow's EIGEN_MAX_ALIGN_BYTES on x86: a fed array so aligned is not copied
@@ -160,6 +161,8 @@ def read_safetensors(path):
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(SAFETENSORS_MAX_HEADER, os.path.getsize(path) - 8):
+                raise ValueError(f"header length {header_len}")
             header = json.loads(f.read(header_len))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:
         raise GPTSANError(f"cannot read {path}: not a safetensors file ({err})") from None
