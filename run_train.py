@@ -137,8 +137,9 @@ def main(argv=None):
               if args.ignore_parameters else [])
     if args.frozen_dtype != "float32" and not ignore:
         raise GPTSANError("--frozen_dtype applies to frozen variables: pass --ignore_parameters")
-    if args.frozen_dtype != "float32" and use_tpu:
-        raise GPTSANError("--frozen_dtype is for one-device fine-tuning, not TPU training")
+    if args.frozen_dtype != "float32" and (use_tpu or mesh.size != 1):
+        raise GPTSANError("--frozen_dtype bfloat16 is for one-device fine-tuning: use "
+                          "--mesh_shape batch:1,model:1 (no TPU)")
     files, init_checkpoint = estimator.check_training_inputs(
         config, args.input_files, vocab, ignore, args.init_checkpoint, dtype, args.frozen_dtype)
 

@@ -365,12 +365,12 @@ class CheckpointWriter:
     copied). Readers see one checkpoint holding every tensor, as `tf.train.Saver` writes it.
     """
 
-    def __init__(self, prefix, group_bytes=WRITE_GROUP_BYTES):
+    def __init__(self, prefix, group_bytes=None):
         from gptsan.compat import tf
 
         self._tf = tf
         self.prefix = prefix
-        self.group_bytes = group_bytes
+        self.group_bytes = group_bytes or WRITE_GROUP_BYTES
         self._group, self._group_size, self._parts = [], 0, []
         self._graph = tf.Graph()
         self._session = tf.Session(graph=self._graph,

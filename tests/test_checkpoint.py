@@ -398,3 +398,111 @@ def test_add_layers_to_switch_only_model_creates_zero_ete_and_loads_in_hf(tmp_pa
     assert not any(info.values()) and len(hf_model.model.blocks) == 2
     with pytest.raises(GPTSANError, match="must be > 0"):
         ck.add_extra_layers(variables, model, 0)
+
+
+def _independent_tf(hf):
+    """The TF variables of the tiny model from an HF state dict, written out with NumPy alone
+    (no gptsan.checkpoint code): the non-streamed result the streaming converter must equal."""
+    hf = {k: np.asarray(v, np.float32) for k, v in hf.items()}
+    out = {"model/wte": hf["model.embed_tokens.weight"],
+           "model/wpe": hf["model.position_embeddings.weight"],
+           "model/ete": hf["model.extra_position_embeddings.weight"],
+           "model/dense/kernel": hf["model.last_project.weight"].T,
+           "model/dense_1/bias": hf["model.last_project.bias"],
+           "model/wob": hf["final_logits_bias"][0],
+           "pasts/out/kernel": hf["model.spout.16.weight"].T}
+    for n in range(8):
+        out[f"pasts/mlp{n}/kernel"] = hf[f"model.spout.{2 * n}.weight"].T
+    for i in range(L):
+        block = f"model.blocks.{i}."
+        attn = block + "self_attn.self_attn."
+        out[f"model/att{i}/qkv/kernel"] = np.stack(
+            [hf[attn + f"{p}_proj.weight"].T for p in "qkv"], axis=1).reshape(D, 3, H, HD)
+        out[f"model/att{i}/o/kernel"] = hf[attn + "out_proj.weight"].T.reshape(H, HD, D)
+        for ours, theirs in (("an", "self_attn.norm"), ("ln", "feed_forward.norm")):
+            out[f"model/{ours}{i}/g"] = hf[block + theirs + ".weight"]
+            out[f"model/{ours}{i}/b"] = hf[block + theirs + ".bias"]
+        ff = block + "feed_forward."
+        if i < 2:
+            out[f"model/moe{i}/switch_gating/kernel"] = hf[ff + "mlp.router.classifier.weight"].T
+            out[f"model/moe{i}/softmlp/kernel"] = hf[ff + "soft_bypass_mlp.weight"].T
+            for w in ("wi", "wo"):
+                out[f"model/moe{i}/{w}/kernel"] = np.stack(
+                    [hf[ff + f"mlp.experts.expert_{e}.{w}.weight"].T for e in range(E)])
+        else:
+            out[f"model/mlp{i}/p1/kernel"] = hf[ff + "mlp.wi.weight"].T
+            out[f"model/mlp{i}/p1/bias"] = hf[ff + "mlp.wi.bias"]
+            out[f"model/mlp{i}/p2/kernel"] = hf[ff + "mlp.wo.weight"].T
+            out[f"model/mlp{i}/p2/bias"] = hf[ff + "mlp.wo.bias"]
+    return out
+
+
+def _stored(model_dir):
+    reader = tf.train.load_checkpoint(model_dir)
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+            if n != "global_step"}
+
+
+def test_streamed_conversions_equal_the_independent_result(hf_dir, tmp_path, monkeypatch):
+    """float32 / float16 / bfloat16 safetensors and a sharded float16 pytorch_model.bin all
+    give the independent NumPy result bit for bit (widening is exact), written in many small
+    shards; --dtype float16 stores exactly its rounding; GPTSAN -> HF writes the very bytes of
+    safetensors' own save_file."""
+    from gptsan import tensorio
+
+    monkeypatch.setattr(tensorio, "WRITE_GROUP_BYTES", 20_000)  # many SaveV2 groups
+    hf = safetensors_numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    sources = {}
+    for dtype in (np.float16, tensorio.bfloat16()):
+        src = tmp_path / f"hf_{np.dtype(dtype).name}"
+        src.mkdir()
+        rounded = {k: v.astype(dtype) for k, v in hf.items()}
+        safetensors_numpy.save_file(rounded, str(src / "model.safetensors"),
+                                    metadata={"format": "pt"})
+        (src / "config.json").write_text(json.dumps(config))
+        sources[src] = rounded
+    bin_dir = tmp_path / "hf_bin"  # two torch shards + index, as transformers writes them
+    bin_dir.mkdir()
+    names = sorted(hf)
+    weight_map = {}
+    for k, part in enumerate((names[::2], names[1::2])):
+        shard = f"pytorch_model-0000{k + 1}-of-00002.bin"
+        torch.save({n: torch.from_numpy(hf[n].astype(np.float16)) for n in part},
+                   str(bin_dir / shard))
+        weight_map.update({n: shard for n in part})
+    (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (bin_dir / "config.json").write_text(json.dumps(config))
+    sources[bin_dir] = {k: v.astype(np.float16) for k, v in hf.items()}
+    sources[hf_dir] = hf
+    for src, state in sources.items():
+        out = str(tmp_path / (os.path.basename(str(src)) + "_tf"))
+        ck.convert_hf_to_gptsan(str(src), out)
+        assert len([f for f in os.listdir(out) if ".data-" in f]) > 5  # streamed in groups
+        expected, stored = _independent_tf(state), _stored(out)
+        assert set(stored) == set(expected) == set(DESIGN_SHAPES)
+        for name, value in expected.items():
+            assert stored[name].dtype == np.float32
+            np.testing.assert_array_equal(stored[name], value, err_msg=f"{src}: {name}")
+    half = str(tmp_path / "tf16")
+    _run(CONVERT, "--src", hf_dir, "--dst", half, "--dtype", "float16").check_returncode()
+    for name, value in _independent_tf(hf).items():
+        np.testing.assert_array_equal(_stored(half)[name], value.astype(np.float16), err_msg=name)
+    back = tmp_path / "hf_back"
+    ck.convert_gptsan_to_hf(str(tmp_path / (os.path.basename(hf_dir) + "_tf")), str(back))
+    safetensors_numpy.save_file(hf, str(tmp_path / "reference.safetensors"),
+                                metadata={"format": "pt"})
+    assert (back / "model.safetensors").read_bytes() == \
+        (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_float16_checkpoint_loads_for_inference(hf_tiny, tmp_path):
+    from gptsan.inference import Predictor
+
+    half = str(tmp_path / "tf16")
+    ck.convert_hf_to_gptsan(hf_tiny.hf_dir, half, dtype="float16")
+    ids = [[3, 7, 1, 100, 5]]
+    with Predictor(hf_tiny.model_dir) as full, Predictor(half) as narrow:
+        a, b = full.forward(ids)["logits"], narrow.forward(ids)["logits"]
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # float16-rounded weights only
+    assert not np.array_equal(a, b)
