@@ -5,7 +5,7 @@
         [--output bench_scale.json [--force]]
 
 Each step runs the real command line tool in its own child process and is measured by that
-process's peak RSS and wall time; the JSON report gives each figure, its ratio to the float32
+process's peak RSS and wall time (steps the chosen ones need are run and reported too); the JSON report gives each figure, its ratio to the float32
 weights' byte size and the limits of issue 11:
     baseline     python + TensorFlow + gptsan imported, one session (the fixed overhead)
     random       write a random checkpoint of --config (gptsan.checkpoint.random_variables)
@@ -181,10 +181,7 @@ def run_steps(args, config, steps, work):
         figures = bench.run("random", _script("scripts/bench_scale.py") + [
             "--config", args.config, "--write_random", bench.path("model"),
             "--seed", str(args.seed)])
-        if "random" not in steps:
-            del report["random"]
-        else:
-            figures["ratio_to_weights"] = round(figures["peak_rss_bytes"] / weights, 3)
+        figures["ratio_to_weights"] = round(figures["peak_rss_bytes"] / weights, 3)
     conversions = (("to_hf", "model", "hf", []), ("from_hf", "hf", "back", []),
                    ("to_hf16", "model", "hf16", ["--dtype", "float16"]),
                    ("from_hf16", "hf16", "back16", []))
@@ -197,8 +194,6 @@ def run_steps(args, config, steps, work):
         figures = bench.run(step, convert + ["--src", bench.path(src), "--dst", bench.path(dst),
                                              "--force", *extra])
         _conversion_figures(figures, weights, largest)
-        if step not in steps:
-            del report[step]
         if step.startswith("from_"):
             bench.remove(src, dst)
     if {"add_layers", "finetune", "finetune_bf16"} & set(steps):
@@ -207,8 +202,6 @@ def run_steps(args, config, steps, work):
             "--src", bench.path("model"), "--dst", bench.path("ft"), "--add_extra_stage",
             str(args.add_extra_stage), "--frozen", "existing", "--force"])
         _conversion_figures(figures, weights, largest)
-        if "add_layers" not in steps:
-            del report["add_layers"]
     for step, extra in (("finetune", []), ("finetune_bf16", ["--frozen_dtype", "bfloat16"])):
         if step not in steps:
             continue
