@@ -175,7 +175,9 @@ def model_fn_builder(setup):
                                                                  frozen_storage)):
             output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
                                  one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
-                                 variable_dtype=mesh_lib.dtype_policy(setup.dtype))
+                                 variable_dtype=mesh_lib.dtype_policy(setup.dtype),
+                                 # fine-tuning on a frozen backbone: memory before speed
+                                 recompute_ext_layers=bool(setup.ignore_names))
         vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
         cross_entropy, token_count = lm_loss(output.logits, targets, vocab_dim)
         aux_loss = output.aux_loss
