@@ -20,7 +20,8 @@ weights' byte size and the limits of issue 11:
     generate     run_generate.py: load + greedy generation of --new_tokens tokens
 Limits: conversions and add_layers <= largest tensor + 2 GiB; fine-tuning <= 1.15 x (frozen
 bytes + 4 x trainable bytes: weights, gradients, two Adam slots); generation <= 1.15 x the
-weights. The 2.8B configuration needs about 20 GB of RAM and 60 GB of disk.
+weights. The 2.8B configuration takes about 30 minutes on the 2-core development machine and
+needs about 18 GB of free RAM and 35 GB of disk (README "Memory at full scale").
 """
 import argparse
 import json
