@@ -272,7 +272,7 @@ def _init_from_checkpoint(path):
 def _restorable(path):
     """{name: variable} of the graph's variables stored in checkpoint `path` (shapes checked):
     the master variables and matching optimizer slots, not `global_step`."""
-    stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    stored = tf.train.NewCheckpointReader(path).get_variable_to_shape_map()
     assignment = {}
     for variable in tf.global_variables():
         name = optimization.variable_base_name(variable.name)
@@ -646,7 +646,7 @@ def check_frozen_dtype(model_dir, ignore_names, frozen_dtype):
     """A resumed run must hold its frozen variables in the dtype its checkpoint has them."""
     if not ignore_names:
         return
-    stored = tf.train.load_checkpoint(find_checkpoint(model_dir)).get_variable_to_dtype_map()
+    stored = tf.train.NewCheckpointReader(find_checkpoint(model_dir)).get_variable_to_dtype_map()
     name = next((n for n in ignore_names if n in stored), None)
     if name is not None and stored[name] != FROZEN_DTYPES[frozen_dtype]:
         raise GPTSANError(f"{model_dir} holds the frozen variables as {stored[name].name}; resume "

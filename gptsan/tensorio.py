@@ -10,8 +10,8 @@
 * PyTorch `pytorch_model.bin` (zip format, torch >= 1.6): the pickle is read with a restricted
   unpickler that only records where each tensor's storage lies in the zip; a tensor is read
   from its storage record when loaded. Needs no torch and runs no pickled code.
-* TF checkpoints: `tf_checkpoint_refs` reads through `tf.train.load_checkpoint`;
-  `CheckpointWriter` saves bounded groups of tensors with `SaveV2` into temporary shards and
+* TF checkpoints: `tf_checkpoint_refs` reads through `tf.train.NewCheckpointReader` (any
+  file system TF knows); `CheckpointWriter` saves bounded groups of tensors with `SaveV2` into temporary shards and
   joins them with `MergeV2Checkpoints`; `restore_variables` fills graph variables one by one
   (casting the stored dtype to the variable's).
 """
@@ -338,7 +338,7 @@ def tf_checkpoint_refs(prefix):
     from gptsan.compat import tf
 
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        reader = tf.train.NewCheckpointReader(prefix)
         shapes = reader.get_variable_to_shape_map()
         dtypes = reader.get_variable_to_dtype_map()
     except tf.errors.OpError as err:
@@ -428,7 +428,7 @@ def restore_ops(variables, prefix):
     from gptsan.compat import tf
 
     try:
-        stored = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
+        stored = tf.train.NewCheckpointReader(prefix).get_variable_to_dtype_map()
     except tf.errors.OpError as err:
         raise GPTSANError(f"cannot read checkpoint {prefix}: "
                           f"{err.message.splitlines()[0]}") from None
