@@ -823,7 +823,7 @@ def detect_format(directory):
 # Adding extra dense layers (published tools/run_modelconvert.py --add_extra_stage)
 
 ADD_INIT_STD = 0.02  # published run_modelconvert: standard_normal * 0.02 for every random tensor
-ADD_INITS = ("published", "fan_in")  # --init: N(0, 0.02) everywhere | N(0, fan_in^-0.5), zero biases
+ADD_INITS = ("published", "fan_in")  # --init: N(0, 0.02) | N(0, fan_in^-0.5) and zero biases
 SPOUT_OUTS = ("reinit", "extend")  # --spout_out: pasts/out/kernel drawn anew | zero-extended
 FROZEN_LISTS = ("source", "existing")  # --frozen: the source's ignore-params.json | generated
 TRANSFORMER_PARAMS_FILE = "transformer-params.json"  # published: the variables kept
@@ -876,7 +876,8 @@ def add_extra_layers(variables, model, num_new, seed=0, init="published", spout_
         for norm in ("an", "ln"):
             added[f"model/{norm}{layer}/g"] = const(f"model/{norm}{layer}/g", 1.0)
             added[f"model/{norm}{layer}/b"] = const(f"model/{norm}{layer}/b", 0.0)
-        for bias, fan_in in ((f"model/mlp{layer}/p1/bias", d), (f"model/mlp{layer}/p2/bias", hidden)):
+        for bias, fan_in in ((f"model/mlp{layer}/p1/bias", d),
+                             (f"model/mlp{layer}/p2/bias", hidden)):
             added[bias] = normal(bias, fan_in) if published else const(bias, 0.0)
     if "model/ete" not in variables:
         added["model/ete"] = const("model/ete", 0.0)

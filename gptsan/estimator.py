@@ -646,7 +646,8 @@ def check_frozen_dtype(model_dir, ignore_names, frozen_dtype):
     """A resumed run must hold its frozen variables in the dtype its checkpoint has them."""
     if not ignore_names:
         return
-    stored = tf.train.NewCheckpointReader(find_checkpoint(model_dir)).get_variable_to_dtype_map()
+    reader = tf.train.NewCheckpointReader(find_checkpoint(model_dir))
+    stored = reader.get_variable_to_dtype_map()
     name = next((n for n in ignore_names if n in stored), None)
     if name is not None and stored[name] != FROZEN_DTYPES[frozen_dtype]:
         raise GPTSANError(f"{model_dir} holds the frozen variables as {stored[name].name}; resume "

@@ -11,9 +11,9 @@
   unpickler that only records where each tensor's storage lies in the zip; a tensor is read
   from its storage record when loaded. Needs no torch and runs no pickled code.
 * TF checkpoints: `tf_checkpoint_refs` reads through `tf.train.NewCheckpointReader` (any
-  file system TF knows); `CheckpointWriter` saves bounded groups of tensors with `SaveV2` into temporary shards and
-  joins them with `MergeV2Checkpoints`; `restore_variables` fills graph variables one by one
-  (casting the stored dtype to the variable's).
+  file system TF knows); `CheckpointWriter` saves bounded groups of tensors with `SaveV2`
+  into temporary shards and joins them with `MergeV2Checkpoints`; `restore_variables` fills
+  graph variables one by one (casting the stored dtype to the variable's).
 """
 import collections
 import dataclasses

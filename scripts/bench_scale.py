@@ -5,8 +5,9 @@
         [--output bench_scale.json [--force]]
 
 Each step runs the real command line tool in its own child process and is measured by that
-process's peak RSS and wall time (steps the chosen ones need are run and reported too); the JSON report gives each figure, its ratio to the float32
-weights' byte size and the limits of issue 11:
+process's peak RSS and wall time (steps the chosen ones need are run and reported too); the
+JSON report gives each figure, its ratio to the float32 weights' byte size and the limits of
+issue 11:
     baseline     python + TensorFlow + gptsan imported, one session (the fixed overhead)
     random       write a random checkpoint of --config (gptsan.checkpoint.random_variables)
     to_hf        GPTSAN -> HF float32 safetensors        (scripts/convert_checkpoint.py)
