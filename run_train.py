@@ -7,7 +7,11 @@ Rerunning the same command resumes from the last checkpoint in --model_dir (glob
 optimizer state and input position). Fine-tuning after scripts/add_layers.py:
 
     python run_train.py --init_checkpoint NEW_DIR --ignore_parameters NEW_DIR/ignore-params.json \
-        --input_files ... --model_dir FINETUNED_DIR
+        --input_files ... --model_dir FINETUNED_DIR [--frozen_dtype bfloat16]
+
+The init checkpoint is restored one variable at a time (no second copy of the backbone);
+frozen variables get no gradient and no optimizer slots, and with --frozen_dtype bfloat16 they
+are held (and saved) in half the memory.
 """
 import dataclasses
 import sys
@@ -50,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("--emoji", default="", help="emoji table (default: next to --vocabulary)")
     parser.add_argument("--init_checkpoint", default="",
                         help="model directory or checkpoint to start a new run from")
+    parser.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="storage of the --ignore_parameters variables: bfloat16 halves the "
+                             "frozen backbone's memory (computation stays in the activation dtype)")
     parser.add_argument("--optimizer", choices=("adam", "adafactor"), default=None)
     parser.add_argument("--batch_size", type=int, default=0, help="override train_params")
     parser.add_argument("--seed", type=int, default=None, help="override train_params.seed")
@@ -113,8 +120,14 @@ def main(argv=None):
     config = dataclasses.replace(config, vocabulary=record)
     ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
               if args.ignore_parameters else [])
+    if args.frozen_dtype != "float32" and not ignore:
+        raise GPTSANError("--frozen_dtype applies to frozen variables: pass --ignore_parameters")
+    if args.frozen_dtype != "float32" and (use_tpu or mesh.size != 1):
+        raise GPTSANError("--frozen_dtype bfloat16 is for one-device fine-tuning: use "
+                          "--mesh_shape batch:1,model:1 (no TPU)")
     files, init_checkpoint = estimator.check_training_inputs(
-        config, args.input_files, vocab.vocab, ignore, args.init_checkpoint, dtype)
+        config, args.input_files, vocab.vocab, ignore, args.init_checkpoint, dtype,
+        args.frozen_dtype)
 
     estimator.write_model_dir(config, vocab.vocab, vocab.emoji)
     from gptsan.records import input_fn_builder
@@ -122,7 +135,8 @@ def main(argv=None):
     setup = estimator.TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,
                                  dtype=dtype, ignore_names=ignore,
                                  clip_gradients=args.clip_gradients, seed=train.seed,
-                                 devices=devices, use_tpu=use_tpu, init_checkpoint=init_checkpoint)
+                                 devices=devices, use_tpu=use_tpu, init_checkpoint=init_checkpoint,
+                                 frozen_dtype=args.frozen_dtype)
     input_fn = input_fn_builder(files, model.num_contexts, train.batch_size, True, train.seed)
     max_steps = args.max_training_step if args.max_training_step > 0 else (
         train.max_training_step or None)

@@ -18,11 +18,13 @@ Every conversion is a pure transpose/reshape, so round trips are bit-exact.
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
 import shutil
 import tempfile
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -30,8 +32,9 @@ from tqdm import tqdm
 from gptsan.config import PARAMETERS_FILE, SPOUT_DEPTH, GPTSANConfig, ModelConfig, TrainConfig
 from gptsan.config import EMOJI_FILE, VOCAB_FILE  # noqa: F401 (published names of the copies)
 from gptsan.errors import GPTSANError
-from gptsan import fileio
-from gptsan import fingerprint
+from gptsan import fileio, fingerprint, tensorio
+from gptsan.fileio import read_json
+from gptsan.tensorio import TensorRef
 IGNORE_PARAMS_FILE = "ignore-params.json"  # published name: variables frozen when fine-tuning
 CHECKPOINT_BASENAME = "model.ckpt"  # checkpoint prefix, as tf.estimator writes it
 MODEL_VARIABLE_PREFIXES = ("model/", "pasts/")  # model weights (vs optimizer slots, global_step)
@@ -41,6 +44,7 @@ HF_CONFIG_FILE = "config.json"  # transformers config
 HF_SAFETENSORS_FILE = "model.safetensors"  # transformers save_pretrained(safe_serialization=True)
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # sharded safetensors
 HF_TORCH_FILE = "pytorch_model.bin"  # older transformers format (the published HF upload)
+HF_TORCH_INDEX = "pytorch_model.bin.index.json"  # sharded pytorch_model-0000k-of-0000n.bin
 HF_VOCAB_FILE = "vocab.txt"  # GPTSanJapaneseTokenizer vocab_file (same format as ja-swe36k.txt)
 HF_EMOJI_FILE = "emoji.json"  # GPTSanJapaneseTokenizer emoji_file
 HF_MODEL_TYPE = "gptsan-japanese"
@@ -109,6 +113,21 @@ def expected_variable_shapes(model):
     return {tf_name: shape for tf_name, _, _, shape in _mapping(model)}
 
 
+RANDOM_WEIGHT_STD = 0.05  # random_variables: small enough that activations stay in range
+
+
+def random_variables(model, seed=0, std=RANDOM_WEIGHT_STD):
+    """{TF name: TensorRef} of random weights (LayerNorm gains 1, the rest N(0, std)), each
+    drawn when loaded from its own generator (seed, crc32(name)): benchmarks write any model
+    size with one tensor in memory at a time."""
+    refs = {}
+    for name, shape in expected_variable_shapes(model).items():
+        load = (functools.partial(_filled, shape, 1.0) if name.endswith("/g") else
+                functools.partial(_draw_normal, seed, name, shape, std))
+        refs[name] = TensorRef(shape, np.dtype(np.float32), load)
+    return refs
+
+
 def _mapping(model):
     """Yields (tf_name, hf_name or tuple of hf_names, layout, tf_shape) for a ModelConfig."""
     d, v, c = model.num_hidden, model.num_vocabulary, model.num_contexts
@@ -161,44 +180,56 @@ def _hf_shapes(layout, tf_shape):
     raise AssertionError(f"unknown layout {layout}")
 
 
-def _to_hf(layout, value):
-    """TF array -> list of HF arrays (contiguous)."""
-    if layout == "copy":
-        out = [value]
-    elif layout == "transpose":
-        out = [value.T]
-    elif layout == "row":
-        out = [value[None, :]]
-    elif layout == "qkv":  # [d, 3, H, hd]
-        d = value.shape[0]
-        out = [value[:, j].reshape(d, -1).T for j in range(3)]
-    elif layout == "heads_out":  # [H, hd, d]
-        out = [value.reshape(-1, value.shape[2]).T]
-    elif layout == "experts":  # [E, a, b]
-        out = [expert.T for expert in value]
-    else:
-        raise AssertionError(f"unknown layout {layout}")
-    return [np.ascontiguousarray(a) for a in out]
+def _num_hf_pieces(layout, tf_shape):
+    return 3 if layout == "qkv" else tf_shape[0] if layout == "experts" else 1
 
 
-def _to_tf(layout, values, tf_shape):
-    """List of HF arrays -> TF array of `tf_shape`."""
+def _hf_piece(layout, value, k):
+    """The k-th HF array (contiguous) of TF array `value`."""
     if layout == "copy":
-        out = values[0]
+        out = value
     elif layout == "transpose":
-        out = values[0].T
+        out = value.T
     elif layout == "row":
-        out = values[0][0]
-    elif layout == "qkv":
-        d, _, h, hd = tf_shape
-        out = np.stack([w.T.reshape(d, h, hd) for w in values], axis=1)  # [d, 3, H, hd]
-    elif layout == "heads_out":
-        out = values[0].T.reshape(tf_shape)  # [H, hd, d]
-    elif layout == "experts":
-        out = np.stack([w.T for w in values])  # [E, a, b]
+        out = value[None, :]
+    elif layout == "qkv":  # [d, 3, H, hd] -> k-th of q, k, v [H*hd, d]
+        out = value[:, k].reshape(value.shape[0], -1).T
+    elif layout == "heads_out":  # [H, hd, d] -> [d, H*hd]
+        out = value.reshape(-1, value.shape[2]).T
+    elif layout == "experts":  # [E, a, b] -> expert k [b, a]
+        out = value[k].T
     else:
         raise AssertionError(f"unknown layout {layout}")
     return np.ascontiguousarray(out)
+
+
+def _to_hf(layout, value):
+    """TF array -> list of HF arrays (contiguous)."""
+    return [_hf_piece(layout, value, k) for k in range(_num_hf_pieces(layout, value.shape))]
+
+
+def _to_tf(layout, values, tf_shape, dtype=None):
+    """List of HF arrays -> TF array of `tf_shape` and `dtype` (default: the arrays'), written
+    into TF-aligned memory (float16/bfloat16 -> float32 is exact)."""
+    out = tensorio.aligned_empty(tf_shape, dtype or values[0].dtype)
+    if layout == "copy":
+        out[...] = values[0]
+    elif layout == "transpose":
+        out[...] = values[0].T
+    elif layout == "row":
+        out[...] = values[0][0]
+    elif layout == "qkv":  # 3 x [H*hd, d] -> [d, 3, H, hd]
+        d, _, h, hd = tf_shape
+        for j, w in enumerate(values):
+            out[:, j] = w.T.reshape(d, h, hd)
+    elif layout == "heads_out":  # [d, H*hd] -> [H, hd, d]
+        out[...] = values[0].T.reshape(tf_shape)
+    elif layout == "experts":  # E x [b, a] -> [E, a, b]
+        for e, w in enumerate(values):
+            out[e] = w.T
+    else:
+        raise AssertionError(f"unknown layout {layout}")
+    return out
 
 
 def _shape_str(shape):
@@ -296,21 +327,40 @@ _SHAPE_FIELDS = ("num_contexts", "num_switch_layers", "num_ext_layers", "num_hid
 
 
 def tf_to_hf_variables(tf_vars, model, include_tied_head=False):
-    """{TF name: array} -> {HF name: array} for GPTSanJapaneseForConditionalGeneration.
+    """{TF name: array} -> {HF name: float32 array} for GPTSanJapaneseForConditionalGeneration.
 
     `model` is the ModelConfig (a GPTSANConfig is accepted too). The tied `lm_head.weight` is
     left out like `save_pretrained` does, unless `include_tied_head`.
     """
-    model = getattr(model, "model", model)
-    check_variables(tf_vars, model)
-    hf = {}
-    for tf_name, hf_names, layout, _ in _mapping(model):
-        hf_names = hf_names if isinstance(hf_names, tuple) else (hf_names,)
-        for name, value in zip(hf_names, _to_hf(layout, tf_vars[tf_name])):
-            hf[name] = value
+    hf = {name: ref.load() for name, ref in tf_to_hf_refs(tf_vars, model).items()}
     if include_tied_head:
         hf[HF_TIED_HEAD] = hf["model.embed_tokens.weight"]
     return hf
+
+
+def tf_to_hf_refs(tf_vars, model, dtype=np.float32):
+    """{TF name: array or TensorRef} -> {HF name: TensorRef} computed when loaded, as `dtype`.
+
+    A TF tensor feeding several HF tensors (q/k/v, the experts) is read once when they are
+    loaded in name order: a two-tensor cache covers the interleaved names of one block
+    (expert_0.wi, expert_0.wo, expert_1.wi, ...; k_proj, out_proj, q_proj, v_proj).
+    """
+    model = getattr(model, "model", model)
+    check_variables(tf_vars, model)
+    dtype = np.dtype(dtype)
+    cache = tensorio.LoadCache(capacity=2)
+
+    def load(tf_name, layout, k):
+        value = cache.get(tf_name, lambda: tensorio.value_of(tf_vars[tf_name]))
+        return tensorio.cast_floating(_hf_piece(layout, value, k), dtype)
+
+    refs = {}
+    for tf_name, hf_names, layout, tf_shape in _mapping(model):
+        hf_names = hf_names if isinstance(hf_names, tuple) else (hf_names,)
+        for k, (name, shape) in enumerate(zip(hf_names, _hf_shapes(layout, tf_shape))):
+            refs[name] = TensorRef(tuple(shape), dtype,
+                                   functools.partial(load, tf_name, layout, k))
+    return refs
 
 
 def infer_hf_model_config(hf_state, num_heads, source="the HF weights"):
@@ -351,41 +401,54 @@ def hf_to_tf_variables(hf_state, num_heads, source="the HF weights"):
     `num_heads` comes from the HF config.json (shapes cannot tell it). Accepts the tied
     `lm_head.weight` (must equal the embedding) and the published typo `model.sqout.*`.
     """
+    refs, model = hf_to_tf_refs(hf_state, num_heads, source)
+    return {name: ref.load() for name, ref in refs.items()}, model
+
+
+def hf_to_tf_refs(hf_state, num_heads, source="the HF weights", dtype=np.float32):
+    """{HF name: array or TensorRef} -> ({TF name: TensorRef as `dtype`}, ModelConfig).
+
+    Names, shapes and dtypes are checked here; each TF tensor is built from its HF tensors
+    when loaded (float16/bfloat16 inputs are cast tensor by tensor).
+    """
     state = {}
     for name, value in hf_state.items():
         if name.startswith(HF_MISSPELLED_SPOUT):
             name = "model.spout." + name[len(HF_MISSPELLED_SPOUT):]
-        state[name] = np.asarray(value)
+        state[name] = value if isinstance(value, TensorRef) else tensorio.array_ref(value)
     if HF_TIED_HEAD in state:
         head = state.pop(HF_TIED_HEAD)
         embed = state.get("model.embed_tokens.weight")
-        if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+        if embed is None or head.shape != embed.shape or not np.array_equal(head.load(),
+                                                                            embed.load()):
             raise GPTSANError(f"{source}: lm_head.weight differs from model.embed_tokens.weight; "
                               "GPTSAN ties them, an untied head cannot be converted")
     model = infer_hf_model_config(state, num_heads, source)
-    tf_vars, used = {}, set()
+    dtype = np.dtype(dtype)
+    refs, used = {}, set()
     for tf_name, hf_names, layout, tf_shape in _mapping(model):
         hf_names = hf_names if isinstance(hf_names, tuple) else (hf_names,)
-        values = []
         for name, want in zip(hf_names, _hf_shapes(layout, tf_shape)):
             if name not in state:
                 raise GPTSANError(f"{source} lacks tensor {name} needed by the model")
             if tuple(state[name].shape) != want:
                 raise GPTSANError(f"{source}: {name} has shape {_shape_str(state[name].shape)} but "
                                   f"the model expects {_shape_str(want)}")
-            values.append(_as_float32(state[name], name, source))
+            if not tensorio.is_floating(state[name].dtype):
+                raise GPTSANError(f"{source}: {name} has dtype {state[name].dtype}, expected "
+                                  "floating point")
             used.add(name)
-        tf_vars[tf_name] = _to_tf(layout, values, tf_shape)
+        refs[tf_name] = TensorRef(tf_shape, dtype, functools.partial(
+            _tf_from_hf, [state[n] for n in hf_names], layout, tf_shape, dtype))
     extra = sorted(set(state) - used)
     if extra:
         raise GPTSANError(f"{source} has tensor(s) GPTSAN does not know: {_few(extra)}")
-    return tf_vars, model
+    return refs, model
 
 
-def _as_float32(value, name, source):
-    if not np.issubdtype(value.dtype, np.floating):
-        raise GPTSANError(f"{source}: {name} has dtype {value.dtype}, expected floating point")
-    return value.astype(np.float32, copy=False)  # float16/bfloat16 -> float32 is exact
+def _tf_from_hf(hf_refs, layout, tf_shape, dtype):
+    """One TF array of `dtype` from its HF tensors."""
+    return _to_tf(layout, [ref.load() for ref in hf_refs], tf_shape, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,46 +482,49 @@ def _step_of(prefix):
 
 
 def read_tf_checkpoint(path, progress=False):
-    """{name: np.ndarray} of the model variables (TF names) in a checkpoint.
+    """{name: float32 np.ndarray} of the model variables (TF names) in a checkpoint.
 
     `path` is a model directory or a checkpoint prefix. Optimizer slots (`*/adam_m`,
     `*/slot_*`, ...), `global_step` and anything else not in the docs/ARCHITECTURE.md
     "Checkpoint names" table are skipped.
-    Floating variables are returned as float32 (bfloat16 masters are widened exactly).
+    Floating variables are returned as float32 (float16/bfloat16 are widened exactly).
     """
-    from gptsan.compat import tf
+    refs = open_tf_checkpoint(path)
+    return {name: _widen(refs[name].load())
+            for name in tqdm(sorted(refs), desc="reading", unit="var", disable=not progress)}
 
+
+def open_tf_checkpoint(path):
+    """{name: TensorRef} of the model variables in a checkpoint (read when loaded)."""
     prefix = find_checkpoint(path)
-    try:
-        reader = tf.train.NewCheckpointReader(prefix)
-        names = sorted(n for n in reader.get_variable_to_shape_map() if _TF_NAME_PATTERN.match(n))
-        variables = {}
-        for name in tqdm(names, desc="reading", unit="var", disable=not progress):
-            variables[name] = _widen(np.asarray(reader.get_tensor(name)))
-    except tf.errors.OpError as err:
-        reason = err.message.splitlines()[0]
-        raise GPTSANError(f"cannot read checkpoint {prefix}: {reason}") from None
-    if not variables:
+    refs = {name: ref for name, ref in tensorio.tf_checkpoint_refs(prefix).items()
+            if _TF_NAME_PATTERN.match(name)}
+    if not refs:
         raise GPTSANError(f"checkpoint {prefix} has no GPTSAN model variables "
                           "(model/..., pasts/...)")
-    return variables
+    return refs
 
 
 def _widen(value):
     """Floating arrays (float16, bfloat16) -> float32, exactly; float32 is returned as is."""
-    if value.dtype != np.float32 and (value.dtype.kind == "f" or value.dtype.name == "bfloat16"):
-        return value.astype(np.float32)
-    return value
+    return tensorio.cast_floating(value, np.dtype(np.float32))
 
 
 def read_model_dir(model_dir, progress=False):
-    """(variables, GPTSANConfig) of a model directory, checked against each other.
+    """({name: float32 array}, GPTSANConfig) of a model directory (see `open_model_dir`)."""
+    refs, config = open_model_dir(model_dir)
+    return {name: _widen(refs[name].load()) for name in tqdm(
+        sorted(refs), desc="reading", unit="var", disable=not progress)}, config
+
+
+def open_model_dir(model_dir):
+    """({name: TensorRef}, GPTSANConfig) of a model directory, checked against each other.
 
     Without `parameters.json` (a bare checkpoint) the config is inferred from the shapes.
     """
     if not os.path.isdir(model_dir):
         raise GPTSANError(f"model directory not found: {model_dir}")
-    variables = read_tf_checkpoint(model_dir, progress=progress)
+    variables = open_tf_checkpoint(model_dir)
     params_path = os.path.join(model_dir, PARAMETERS_FILE)
     if not os.path.exists(params_path):
         return variables, GPTSANConfig(model=infer_model_config(variables, model_dir))
@@ -482,18 +548,21 @@ def _is_shape_relevant(model, field):
 
 
 def write_tf_checkpoint(model_dir, variables, config, step=0, force=False, progress=False,
-                        files=None):
-    """Writes a complete model directory atomically.
+                        files=None, dtype=None):
+    """Writes a complete model directory atomically, one bounded group of tensors at a time.
 
     Contents: `parameters.json` (config: GPTSANConfig or ModelConfig), a TF checkpoint
-    `model.ckpt-<step>` holding exactly `variables` (checked against the config's names and
-    shapes) plus `global_step`, the `checkpoint` index (relative paths), and `files`
-    ({name in dir: source path or bytes}). Refuses a non-empty `model_dir` unless `force`.
+    `model.ckpt-<step>` holding exactly `variables` ({name: array or TensorRef}, checked
+    against the config's names and shapes, loaded one by one) plus `global_step`, the
+    `checkpoint` index (relative paths), and `files` ({name in dir: source path or bytes}).
+    `dtype` (float32 | float16 | bfloat16) casts the floating variables; None keeps theirs.
+    Refuses a non-empty `model_dir` unless `force`.
     """
     config = _as_gptsan_config(config)
     check_variables(variables, config.model, "the variables to write")
+    dtype = tensorio.storage_dtype(dtype) if dtype else None
     with _atomic_output_dir(model_dir, force) as tmp:
-        _save_variables(tmp, variables, step, progress)
+        _save_variables(tmp, variables, step, progress, dtype)
         config.to_json_file(os.path.join(tmp, PARAMETERS_FILE))
         _write_files(tmp, files or {})
 
@@ -517,29 +586,17 @@ def _as_gptsan_config(config):
     raise TypeError(f"expected GPTSANConfig or ModelConfig, got {type(config).__name__}")
 
 
-def _save_variables(directory, variables, step, progress):
-    """tf.train.Saver checkpoint of `variables` (fed through placeholders: no 2 GB graph limit)."""
-    from gptsan.compat import tf
-
-    graph = tf.Graph()
-    with graph.as_default():
-        feeds, saveables = [], {}
-        for name in sorted(variables):
-            value = np.asarray(variables[name])
-            placeholder = tf.placeholder(tf.as_dtype(value.dtype), value.shape)
-            var = tf.Variable(placeholder, name=name, trainable=False)
-            feeds.append((var.initializer, placeholder, value))
-            saveables[name] = var
-        saveables[GLOBAL_STEP_NAME] = tf.Variable(np.int64(step), name=GLOBAL_STEP_NAME,
-                                                  trainable=False)
-        saver = tf.train.Saver(saveables, save_relative_paths=True, max_to_keep=None)
-        with tf.Session(graph=graph, config=tf.ConfigProto(device_count={"GPU": 0})) as sess:
-            sess.run(saveables[GLOBAL_STEP_NAME].initializer)
-            for init, placeholder, value in tqdm(feeds, desc="writing", unit="var",
-                                                 disable=not progress):
-                sess.run(init, {placeholder: value})
-            saver.save(sess, os.path.join(directory, CHECKPOINT_BASENAME), global_step=step,
-                       write_meta_graph=False)
+def _save_variables(directory, variables, step, progress, dtype=None):
+    """TF checkpoint `model.ckpt-<step>` of `variables` + `global_step`, streamed in groups."""
+    name = f"{CHECKPOINT_BASENAME}-{step}"
+    writer = tensorio.CheckpointWriter(os.path.join(directory, name))
+    for var_name in tqdm(sorted(variables), desc="writing", unit="var", disable=not progress):
+        value = tensorio.value_of(variables[var_name])
+        writer.add(var_name, value, dtype if dtype and tensorio.is_floating(value.dtype) else None)
+        del value
+    writer.add(GLOBAL_STEP_NAME, np.int64(step))
+    writer.close()
+    tensorio.write_checkpoint_state(directory, name)
 
 
 @contextlib.contextmanager
@@ -588,6 +645,16 @@ def _check_distinct(src, dst):
 
 def read_hf_dir(hf_dir):
     """({HF name: np.ndarray}, config dict) of a transformers GPTSanJapanese directory."""
+    refs, hf_config = open_hf_dir(hf_dir)
+    return {name: ref.load() for name, ref in refs.items()}, hf_config
+
+
+def open_hf_dir(hf_dir):
+    """({HF name: TensorRef}, config dict) of a transformers GPTSanJapanese directory.
+
+    Weights: `model.safetensors`, its sharded `.index.json`, or `pytorch_model.bin` (and its
+    shards); nothing is read until a tensor is loaded.
+    """
     if not os.path.isdir(hf_dir):
         raise GPTSANError(f"HF model directory not found: {hf_dir}")
     config_path = os.path.join(hf_dir, HF_CONFIG_FILE)
@@ -603,61 +670,28 @@ def read_hf_dir(hf_dir):
     if model_type != HF_MODEL_TYPE:
         raise GPTSANError(f"{config_path}: model_type is {model_type!r}, "
                           f"expected {HF_MODEL_TYPE!r}")
-    return _read_hf_weights(hf_dir), hf_config
+    return _open_hf_weights(hf_dir), hf_config
 
 
-def _read_hf_weights(hf_dir):
-    single = os.path.join(hf_dir, HF_SAFETENSORS_FILE)
-    index = os.path.join(hf_dir, HF_SAFETENSORS_INDEX)
-    torch_file = os.path.join(hf_dir, HF_TORCH_FILE)
-    if os.path.exists(single):
-        return _load_safetensors(single)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        state = {}
-        for shard in shards:
-            state.update(_load_safetensors(os.path.join(hf_dir, shard)))
-        return state
-    if os.path.exists(torch_file):
-        try:
-            import torch
-        except ImportError:
-            raise GPTSANError(f"reading {torch_file} needs PyTorch (pip install torch), or "
-                              "convert it to safetensors first") from None
-        state = torch.load(torch_file, map_location="cpu", weights_only=True)
-        return {k: _torch_to_numpy(v) for k, v in state.items()}
-    raise GPTSANError(f"{hf_dir} has no {HF_SAFETENSORS_FILE}, {HF_SAFETENSORS_INDEX} or "
-                      f"{HF_TORCH_FILE}")
+# weight files of an HF directory, in the order transformers prefers them:
+# (single file, sharded index, reader)
+_HF_WEIGHT_FILES = ((HF_SAFETENSORS_FILE, HF_SAFETENSORS_INDEX, tensorio.read_safetensors),
+                    (HF_TORCH_FILE, HF_TORCH_INDEX, tensorio.read_torch_bin))
 
 
-def _torch_to_numpy(tensor):
-    import torch
-
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-
-
-def _load_safetensors(path):
-    safetensors_numpy = _import_safetensors()
-    try:
-        return safetensors_numpy.load_file(path)
-    except (TypeError, ValueError) as err:  # e.g. bfloat16, which numpy cannot hold
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise GPTSANError(f"cannot read {path}: {err}") from None
-        return {k: _torch_to_numpy(v) for k, v in load_file(path).items()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        raise GPTSANError(f"cannot read {path}: {err}") from None
-
-
-def _import_safetensors():
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise GPTSANError("HF conversion needs the safetensors package (pip install safetensors)") \
-            from None
-    return safetensors.numpy
+def _open_hf_weights(hf_dir):
+    for single, index, reader in _HF_WEIGHT_FILES:
+        if os.path.exists(os.path.join(hf_dir, single)):
+            return reader(os.path.join(hf_dir, single))
+        if os.path.exists(os.path.join(hf_dir, index)):
+            weight_map = read_json(os.path.join(hf_dir, index), "weight index").get(
+                "weight_map", {})
+            refs = {}
+            for shard in sorted(set(weight_map.values())):
+                refs.update(reader(os.path.join(hf_dir, shard)))
+            return refs
+    raise GPTSANError(f"{hf_dir} has no {HF_SAFETENSORS_FILE}, {HF_SAFETENSORS_INDEX}, "
+                      f"{HF_TORCH_FILE} or {HF_TORCH_INDEX}")
 
 
 def hf_config_dict(model):
@@ -699,19 +733,21 @@ _HF_CONFIG_FIELDS = {
 
 
 def convert_hf_to_gptsan(hf_dir, model_dir, vocab=None, emoji=None, force=False, progress=False,
-                         train_config=None):
+                         train_config=None, dtype="float32"):
     """HF GPTSanJapanese directory -> GPTSAN model directory. Returns the GPTSANConfig.
 
-    `vocab`/`emoji` are copied into the model directory; when not given, the HF tokenizer's
-    `vocab.txt`/`emoji.json` in `hf_dir` are used if present.
+    One tensor at a time: peak memory is about the largest TF tensor, whatever the model size.
+    `dtype` is the checkpoint's storage dtype (float32 | float16 | bfloat16; float16/bfloat16
+    inputs are cast tensor by tensor). `vocab`/`emoji` are copied into the model directory;
+    when not given, the HF tokenizer's `vocab.txt`/`emoji.json` in `hf_dir` are used if present.
     """
     _check_distinct(hf_dir, model_dir)
     check_output_dir(os.path.abspath(model_dir), force)
-    hf_state, hf_config = read_hf_dir(hf_dir)
+    hf_state, hf_config = open_hf_dir(hf_dir)
     if "num_heads" not in hf_config:
         raise GPTSANError(f"{os.path.join(hf_dir, HF_CONFIG_FILE)} has no num_heads")
-    tf_vars, model = hf_to_tf_variables(hf_state, hf_config["num_heads"], source=hf_dir)
-    del hf_state
+    tf_vars, model = hf_to_tf_refs(hf_state, hf_config["num_heads"], source=hf_dir,
+                                   dtype=tensorio.storage_dtype(dtype))
     _check_declared(model, {field: hf_config[key] for key, field in _HF_CONFIG_FIELDS.items()
                             if key in hf_config and _is_shape_relevant(model, field)},
                     os.path.join(hf_dir, HF_CONFIG_FILE), lambda f: _hf_key(f))
@@ -741,25 +777,28 @@ def _hf_vocabulary(model, hf_dir, hf_config, vocab, emoji):
     return record, files.model_dir_files(record)
 
 
-def convert_gptsan_to_hf(model_dir, hf_dir, force=False, progress=False):
+def convert_gptsan_to_hf(model_dir, hf_dir, force=False, progress=False, dtype="float32"):
     """GPTSAN model directory -> HF directory (`config.json`, `model.safetensors`, and the
     tokenizer's `vocab.txt`/`emoji.json` when the model directory has them). Returns the config.
+
+    One tensor at a time (peak memory about two TF tensors); `dtype` is the safetensors' dtype.
     """
     _check_distinct(model_dir, hf_dir)
     check_output_dir(os.path.abspath(hf_dir), force)
-    safetensors_numpy = _import_safetensors()
-    variables, config, vocab = _read_source(model_dir, progress)
+    variables, config, vocab = _open_source(model_dir)
     hf_config, files = hf_config_dict(config.model), {}
+    hf_config["torch_dtype"] = dtype
     if vocab is not None:  # config.json records the vocabulary too (HF ignores the key)
         record = dataclasses.replace(vocab.record(keep=config.vocabulary),
                                      vocab_file=HF_VOCAB_FILE, emoji_file=HF_EMOJI_FILE)
         hf_config[fingerprint.HF_RECORD_KEY] = dataclasses.asdict(record)
         files = vocab.model_dir_files(record)
-    hf_state = tf_to_hf_variables(variables, config.model)
-    with _atomic_output_dir(hf_dir, force) as tmp:
-        # metadata "format": "pt" is what transformers' from_pretrained requires.
-        safetensors_numpy.save_file(hf_state, os.path.join(tmp, HF_SAFETENSORS_FILE),
-                                    metadata={"format": "pt"})
+    hf_state = tf_to_hf_refs(variables, config.model, tensorio.storage_dtype(dtype))
+    with _atomic_output_dir(hf_dir, force) as tmp, tqdm(
+            total=len(hf_state), desc="writing", unit="tensor", disable=not progress) as bar:
+        tensorio.write_safetensors(os.path.join(tmp, HF_SAFETENSORS_FILE), hf_state,
+                                   metadata=tensorio.SAFETENSORS_FORMAT,
+                                   progress=lambda _: bar.update(1))
         with open(os.path.join(tmp, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -767,12 +806,13 @@ def convert_gptsan_to_hf(model_dir, hf_dir, force=False, progress=False):
     return config
 
 
-def _read_source(model_dir, progress):
-    """(variables, config, checked vocabulary or None) of a source model directory. With a
-    parameters.json the vocabulary is checked before the weights are read (fails fast)."""
+def _open_source(model_dir):
+    """({name: TensorRef}, config, checked vocabulary or None) of a source model directory.
+    With a parameters.json the vocabulary is checked before the weights are read (fails
+    fast); the weights are read one at a time later."""
     named = os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE))
     vocab = fingerprint.model_vocabulary(model_dir, required=False) if named else None
-    variables, config = read_model_dir(model_dir, progress=progress)
+    variables, config = open_model_dir(model_dir)
     if not named:  # a bare checkpoint: its config comes from the weights
         vocab = fingerprint.model_vocabulary(model_dir, config, required=False)
     fingerprint.announce(vocab)
@@ -794,75 +834,143 @@ def detect_format(directory):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adding extra dense layers (published run_modelconvert --add_extra_stage)
+# Adding extra dense layers (published tools/run_modelconvert.py --add_extra_stage)
+
+ADD_INIT_STD = 0.02  # published run_modelconvert: standard_normal * 0.02 for every random tensor
+ADD_INITS = ("published", "fan_in")  # --init: N(0, 0.02) | N(0, fan_in^-0.5) and zero biases
+SPOUT_OUTS = ("reinit", "extend")  # --spout_out: pasts/out/kernel drawn anew | zero-extended
+FROZEN_LISTS = ("source", "existing")  # --frozen: the source's ignore-params.json | generated
+TRANSFORMER_PARAMS_FILE = "transformer-params.json"  # published: the variables kept
+ALL_PARAMS_FILE = "all-params.json"  # published: kept + added variables
 
 
-def add_extra_layers(variables, model, num_new, seed=0):
-    """Appends `num_new` dense layers after the existing ones.
+def add_extra_layers(variables, model, num_new, seed=0, init="published", spout_out="reinit"):
+    """Appends `num_new` dense layers after the existing ones, lazily.
 
-    Returns (new variables, new ModelConfig, frozen names). Existing arrays are kept as they
-    are (same objects, bitwise); new layers use the GLOBAL index L..L+num_new-1 and get the
-    training init of `gptsan.modeling` (kernels ~ N(0, fan_in ** -0.5), zero biases, LayerNorm
-    g=1, b=0; the published tool used N(0, 0.02) for everything random); `model/ete` is
-    zero-initialised if the model had no extra layers (so the first extra layer starts with no
-    position shift). With a spout, `pasts/out/kernel` [spout, L*2*d] grows to
-    [spout, (L+N)*2*d]: its column block l*2*d..(l+1)*2*d is layer l's spout K/V, so the old
-    columns are kept and the new layers' block is zero -- a zero key gives score 0 and a zero
-    value adds nothing, so the spout slot starts neutral in the new layers instead of
-    injecting random K/V; fine-tuning then learns it. `frozen` (for ignore-params.json) lists
-    every variable that existed before EXCEPT the grown `pasts/out/kernel`, which must stay
-    trainable or the new columns would stay zero for ever (the published tool re-initialises
-    and trains it as well).
+    `variables`: {name: array or TensorRef}. Returns ({name: array or TensorRef}, new
+    ModelConfig, kept names, added names); nothing is drawn or read until loaded, and each
+    new tensor is drawn from its own generator (seed, crc32(name)), so the result does not
+    depend on the order of loading. New layers use the GLOBAL index L..L+num_new-1.
+
+    init="published" (the published tool): every random tensor ~ N(0, 1) * 0.02 -- the four
+    kernels of each layer AND its two MLP biases; LayerNorm g=1, b=0.
+    init="fan_in": kernels ~ N(0, fan_in^-0.5), zero biases (the training init of
+    gptsan.modeling). `model/ete` is zero when the model had no extra layers (both).
+    spout_out="reinit" (published): `pasts/out/kernel` [spout, (L+N)*2*d] is drawn anew like
+    the kernels. spout_out="extend": its old columns are kept (column block l*2*d..(l+1)*2*d is
+    layer l's spout K/V) and the new layers' block is zero -- a zero key and value leave the
+    new layers' spout slot neutral until fine-tuning learns it.
     """
     model = getattr(model, "model", model)
     if num_new <= 0:
         raise GPTSANError(f"the number of layers to add must be > 0, got {num_new}")
+    if init not in ADD_INITS or spout_out not in SPOUT_OUTS:
+        raise GPTSANError(f"init must be one of {ADD_INITS} and spout_out one of {SPOUT_OUTS}")
     check_variables(variables, model)
     new_model = dataclasses.replace(model, num_ext_layers=model.num_ext_layers + num_new)
-    rng = np.random.default_rng(seed)
     d, hidden = model.num_hidden, new_model.num_ext_hidden
-    out = dict(variables)
     shapes = expected_variable_shapes(new_model)
+    published = init == "published"
+
+    def normal(name, fan_in):
+        std = ADD_INIT_STD if published else fan_in ** -0.5
+        return TensorRef(shapes[name], np.dtype(np.float32), functools.partial(
+            _draw_normal, seed, name, shapes[name], std))
+
+    def const(name, fill):
+        return TensorRef(shapes[name], np.dtype(np.float32),
+                         functools.partial(_filled, shapes[name], fill))
+
+    added = {}
     for layer in range(model.num_layers, new_model.num_layers):
         for name, fan_in in ((f"model/att{layer}/qkv/kernel", d), (f"model/att{layer}/o/kernel", d),
                              (f"model/mlp{layer}/p1/kernel", d),
                              (f"model/mlp{layer}/p2/kernel", hidden)):
-            out[name] = (rng.standard_normal(shapes[name]) * fan_in ** -0.5).astype(np.float32)
+            added[name] = normal(name, fan_in)
         for norm in ("an", "ln"):
-            out[f"model/{norm}{layer}/g"] = np.ones([d], np.float32)
-            out[f"model/{norm}{layer}/b"] = np.zeros([d], np.float32)
-        out[f"model/mlp{layer}/p1/bias"] = np.zeros([hidden], np.float32)
-        out[f"model/mlp{layer}/p2/bias"] = np.zeros([d], np.float32)
-    if "model/ete" not in out:
-        out["model/ete"] = np.zeros(shapes["model/ete"], np.float32)
+            added[f"model/{norm}{layer}/g"] = const(f"model/{norm}{layer}/g", 1.0)
+            added[f"model/{norm}{layer}/b"] = const(f"model/{norm}{layer}/b", 0.0)
+        for bias, fan_in in ((f"model/mlp{layer}/p1/bias", d),
+                             (f"model/mlp{layer}/p2/bias", hidden)):
+            added[bias] = normal(bias, fan_in) if published else const(bias, 0.0)
+    if "model/ete" not in variables:
+        added["model/ete"] = const("model/ete", 0.0)
     if model.num_spout:
-        old = variables["pasts/out/kernel"]  # [spout, L*2*d]
-        grown = np.zeros(shapes["pasts/out/kernel"], old.dtype)  # [spout, (L+N)*2*d]
-        grown[:, :old.shape[1]] = old
-        out["pasts/out/kernel"] = grown
+        name = "pasts/out/kernel"
+        if spout_out == "reinit":
+            added[name] = normal(name, model.num_spout)
+        else:
+            added[name] = TensorRef(shapes[name], variables[name].dtype, functools.partial(
+                _zero_extend, variables[name], shapes[name]))
+    kept = sorted(n for n in variables if n not in added)
+    out = {**{n: variables[n] for n in kept}, **added}
     check_variables(out, new_model, "the extended model")
-    frozen = sorted(n for n in variables if n != "pasts/out/kernel")
-    return out, new_model, frozen
+    return out, new_model, kept, list(added)
 
 
-def add_layers_to_model_dir(src, dst, num_new, seed=0, force=False, progress=False):
-    """Model directory `src` + `num_new` extra layers -> model directory `dst`.
+def _draw_normal(seed, name, shape, std):
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    value = rng.standard_normal(dtype=np.float32, out=tensorio.aligned_empty(shape, np.float32))
+    value *= np.float32(std)  # in place: one array of the tensor's size
+    return value
 
-    Writes the extended checkpoint, `parameters.json` (num_ext_layers updated), the
-    vocabulary/emoji copies and `ignore-params.json` (variables to freeze). Returns the config.
+
+def _filled(shape, fill):
+    value = tensorio.aligned_empty(shape, np.float32)
+    value.fill(fill)
+    return value
+
+
+def _zero_extend(old, shape):
+    old = tensorio.value_of(old)  # [spout, L*2*d]
+    grown = tensorio.aligned_empty(shape, old.dtype)  # [spout, (L+N)*2*d]
+    grown[:, :old.shape[1]] = old
+    grown[:, old.shape[1]:] = 0
+    return grown
+
+
+def add_layers_to_model_dir(src, dst, num_new, seed=0, force=False, progress=False,
+                            init="published", spout_out="reinit", frozen="source"):
+    """Model directory `src` + `num_new` extra layers -> model directory `dst`, streamed.
+
+    Writes the extended checkpoint (model variables and global_step 0, no optimizer slots:
+    `run_train.py --init_checkpoint` starts a fresh optimizer), `parameters.json`
+    (num_ext_layers + N, train_params.output_dir = basename(dst) as published), the
+    vocabulary/emoji copies, `ignore-params.json`, and the published `transformer-params.json`
+    (kept variables) / `all-params.json` (kept + added). `frozen="source"` (published) copies
+    the source's ignore-params.json unchanged; `frozen="existing"` writes every variable the
+    source had except `pasts/out/kernel`. Returns the new GPTSANConfig.
     """
+    if frozen not in FROZEN_LISTS:
+        raise GPTSANError(f"frozen must be one of {FROZEN_LISTS}, got {frozen!r}")
     _check_distinct(src, dst)
     check_output_dir(os.path.abspath(dst), force)
-    variables, config, vocab = _read_source(src, progress)
-    new_vars, new_model, frozen = add_extra_layers(variables, config.model, num_new, seed)
-    train = config.train
-    if train.output_dir:  # never keep training into the source directory
-        train = dataclasses.replace(train, output_dir=os.path.abspath(dst))
-    files = {IGNORE_PARAMS_FILE: (json.dumps(frozen, indent=1) + "\n").encode("utf-8")}
+    source_ignore = os.path.join(src, IGNORE_PARAMS_FILE)
+    if frozen == "source" and not os.path.isfile(source_ignore):
+        raise GPTSANError(f"{src} has no {IGNORE_PARAMS_FILE} (the published tool copies it); "
+                          "pass --frozen existing to freeze every variable of the source")
+    variables, config, vocab = _open_source(src)
+    new_vars, new_model, kept, added = add_extra_layers(variables, config.model, num_new, seed,
+                                                        init=init, spout_out=spout_out)
+    if frozen == "source":
+        names = read_json(source_ignore, IGNORE_PARAMS_FILE)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise GPTSANError(f"{source_ignore} must be a JSON list of variable names")
+        files = {IGNORE_PARAMS_FILE: source_ignore}
+    else:
+        files = {IGNORE_PARAMS_FILE: _json_bytes(sorted(n for n in variables
+                                                        if n != "pasts/out/kernel"))}
+    files[TRANSFORMER_PARAMS_FILE] = _json_bytes(kept)
+    files[ALL_PARAMS_FILE] = _json_bytes(kept + added)
     record = None
     if vocab is not None:
         record = vocab.record(keep=config.vocabulary)
         files.update(vocab.model_dir_files(record))
+    train = dataclasses.replace(config.train, output_dir=os.path.basename(os.path.abspath(dst)))
     new_config = GPTSANConfig(model=new_model, train=train, vocabulary=record)
     write_tf_checkpoint(dst, new_vars, new_config, force=force, progress=progress, files=files)
     return new_config
+
+
+def _json_bytes(names):
+    return (json.dumps(names, indent=1) + "\n").encode("utf-8")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from gptsan import fileio
 from gptsan import fingerprint
 from gptsan import mesh as mesh_lib
-from gptsan import optimization
+from gptsan import optimization, tensorio
 from gptsan.checkpoint import expected_variable_shapes, find_checkpoint
 from gptsan.compat import mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
@@ -105,7 +105,7 @@ class TrainSetup:
 
     def __init__(self, config, mesh_shape, model_dir, spout_vector="none", dtype="float32",
                  ignore_names=(), clip_gradients=False, seed=0, devices=None, use_tpu=False,
-                 init_checkpoint=None, summaries=True):
+                 init_checkpoint=None, summaries=True, frozen_dtype="float32"):
         self.config = config  # GPTSANConfig (model + train)
         self.mesh_shape = mesh_lib.parse_mesh_shape(mesh_shape)
         self.model_dir = model_dir
@@ -118,6 +118,7 @@ class TrainSetup:
         self.use_tpu = use_tpu
         self.init_checkpoint = init_checkpoint  # a checkpoint path to start a fresh run from
         self.summaries = summaries and not use_tpu
+        self.frozen_dtype = frozen_dtype  # storage of the frozen (ignored) variables
 
     def make_loss_scale(self):
         """float16: a DynamicLossScale (adam) or the published fixed scale (adafactor); else 1."""
@@ -171,9 +172,14 @@ def model_fn_builder(setup):
                 mesh, spout_tf,
                 mtf.Shape([batch_dim, mtf.Dimension(mesh_lib.SPOUT, model_config.num_spout)]))
 
-        output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
-                             one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
-                             variable_dtype=mesh_lib.dtype_policy(setup.dtype))
+        frozen_storage = FROZEN_DTYPES[setup.frozen_dtype]
+        with tf.variable_scope("", custom_getter=_storage_getter(setup.ignore_names,
+                                                                 frozen_storage)):
+            output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
+                                 one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
+                                 variable_dtype=mesh_lib.dtype_policy(setup.dtype),
+                                 # fine-tuning on a frozen backbone: memory before speed
+                                 recompute_ext_layers=bool(setup.ignore_names))
         vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
         cross_entropy, token_count = lm_loss(output.logits, targets, vocab_dim)
         aux_loss = output.aux_loss
@@ -204,8 +210,13 @@ def model_fn_builder(setup):
         if setup.summaries:
             _add_summaries(lowering, tf_loss, cross_entropy, aux_loss, token_count, train_ops,
                            output)
-        if setup.init_checkpoint:
+        if frozen_storage != tf.float32:
+            _delay_casts(train_ops.frozen, lowering)
+        scaffold = None
+        if setup.init_checkpoint and setup.use_tpu:
             _init_from_checkpoint(setup.init_checkpoint)
+        elif setup.init_checkpoint:
+            scaffold = _restoring_scaffold(setup.init_checkpoint)
 
         with mtf.utils.outside_all_rewrites():
             restore_hook = mtf.MtfRestoreHook(lowering)
@@ -224,7 +235,7 @@ def model_fn_builder(setup):
             return tf.estimator.tpu.TPUEstimatorSpec(mode, loss=tf_loss, train_op=train_op,
                                                      training_hooks=hooks)
         return tf.estimator.EstimatorSpec(mode, loss=tf_loss, train_op=train_op,
-                                          training_hooks=hooks)
+                                          training_hooks=hooks, scaffold=scaffold)
 
     return model_fn
 
@@ -255,12 +266,15 @@ def _stat(stats, name):
 
 
 def _init_from_checkpoint(path):
-    """Starts the master variables (and matching optimizer slots) from checkpoint `path`.
+    """TPU: starts the master variables (and matching optimizer slots) from checkpoint `path`
+    through `tf.train.init_from_checkpoint`. Call after lowering; `global_step` starts at 0."""
+    tf.train.init_from_checkpoint(path, _restorable(path))
 
-    Call after lowering (the master variables exist then); `global_step` starts at 0.
-    """
-    reader = tf.train.load_checkpoint(path)
-    stored = reader.get_variable_to_shape_map()
+
+def _restorable(path):
+    """{name: variable} of the graph's variables stored in checkpoint `path` (shapes checked):
+    the master variables and matching optimizer slots, not `global_step`."""
+    stored = tf.train.NewCheckpointReader(path).get_variable_to_shape_map()
     assignment = {}
     for variable in tf.global_variables():
         name = optimization.variable_base_name(variable.name)
@@ -270,7 +284,99 @@ def _init_from_checkpoint(path):
             raise GPTSANError(f"--init_checkpoint {path}: {name} has shape {stored[name]} but the "
                               f"model needs {variable.shape.as_list()}")
         assignment[name] = variable
-    tf.train.init_from_checkpoint(path, assignment)
+    return assignment
+
+
+def _restoring_scaffold(path):
+    """A Scaffold that starts a fresh run from checkpoint `path` without a second copy of it.
+
+    The restored variables are left out of the init op and then assigned one at a time
+    (`tensorio.restore_variables`: one restored tensor alive at a time, cast to the variable's
+    dtype, so a bfloat16 frozen backbone restores from a float32 checkpoint); one op restoring
+    everything would let TensorFlow hold every restored tensor at once. Runs only when the
+    output directory has no checkpoint (a resumed run restores its own).
+    """
+    restored = _restorable(path)
+    chosen = set(restored.values())
+    others = [v for v in tf.global_variables() if v not in chosen]
+    with tf.name_scope("init_checkpoint"):
+        ops = tensorio.restore_ops(restored, path)
+    return tf.train.Scaffold(
+        init_op=tf.group(tf.variables_initializer(others), name="init_others"),
+        init_fn=lambda scaffold, session: tensorio.run_one_by_one(session, ops))
+
+
+FROZEN_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}  # --frozen_dtype choices
+
+
+def _storage_getter(frozen_names, dtype):
+    """TF custom getter storing the variables named in `frozen_names` as `dtype`.
+
+    mtf then reads such a variable through a cast to the activation dtype (`Variable.lower`);
+    the optimizer never sees it (it is frozen), and the checkpoint holds it as `dtype`.
+    """
+    frozen = set(frozen_names)
+
+    def storage_getter(getter, name, *args, **kwargs):
+        if dtype != tf.float32 and name in frozen:
+            kwargs["dtype"] = dtype
+        return getter(name, *args, **kwargs)
+
+    return storage_getter
+
+
+def _delay_casts(frozen, lowering):
+    """Makes each cast of a narrow frozen weight wait for the activations it meets.
+
+    A cast depends only on its variable, so TensorFlow would run every one at the start of a
+    step and hold a float32 copy of the whole frozen backbone at once. Each cast gets control
+    inputs from the activations that the ops computed from its weight alone (reshapes, expert
+    slices, ...) meet -- only those that do not themselves depend on the cast, so no cycle is
+    made -- and the float32 copies then live about one layer at a time.
+    """
+    graph = tf.get_default_graph()
+    order = {op: k for k, op in enumerate(graph.get_operations())}  # creation order: topological
+    edges = []  # decided on the unchanged graph, then added
+    for variable in frozen:
+        for cast in lowering.tensors[variable.outputs[0]].tensor_list:
+            if cast.op.type != "Cast":
+                continue
+            waits = _activations_met(cast.op)
+            if waits:
+                after = _descendants(cast.op, max(order[op] for op in waits), order)
+                edges.append((cast.op, [op for op in waits if op not in after]))
+    for cast_op, waits in edges:
+        if waits:
+            cast_op._add_control_inputs(waits)  # noqa: SLF001 - the TF1 way to add an edge
+
+
+def _activations_met(op):
+    """Ops feeding the first consumers of `op`'s weight-only descendants that are not derived
+    from the weight (nor constants): the activations the weight is combined with."""
+    derived, stack, met = {op}, [op], set()
+    while stack:
+        for consumer in {c for out in stack.pop().outputs for c in out.consumers()}:
+            others = [t.op for t in consumer.inputs
+                      if t.op not in derived and t.op.type != "Const"]
+            if others:
+                met.update(others)
+            elif consumer not in derived:
+                derived.add(consumer)
+                stack.append(consumer)
+    return met - derived
+
+
+def _descendants(op, limit, order):
+    """Ops reachable from `op` whose creation index is <= `limit` (bounded search)."""
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for nxt in [c for out in current.outputs for c in out.consumers()] + \
+                list(current._control_outputs):  # noqa: SLF001
+            if nxt not in seen and order.get(nxt, limit + 1) <= limit:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +640,18 @@ def check_resumable(stored, model, ignore_names, optimizer, model_dir):
                           f"--init_checkpoint {model_dir}")
 
 
+def check_frozen_dtype(model_dir, ignore_names, frozen_dtype):
+    """A resumed run must hold its frozen variables in the dtype its checkpoint has them."""
+    if not ignore_names:
+        return
+    reader = tf.train.NewCheckpointReader(find_checkpoint(model_dir))
+    stored = reader.get_variable_to_dtype_map()
+    name = next((n for n in ignore_names if n in stored), None)
+    if name is not None and stored[name] != FROZEN_DTYPES[frozen_dtype]:
+        raise GPTSANError(f"{model_dir} holds the frozen variables as {stored[name].name}; resume "
+                          f"with --frozen_dtype {stored[name].name}")
+
+
 def check_ignore_names(names, model):
     """The ignore list must name model variables and leave at least one to train."""
     expected = expected_variable_shapes(model)
@@ -560,7 +678,7 @@ def select_devices(mesh_shape, batch_size, model):
 
 
 def check_training_inputs(config, input_files, vocabulary, ignore_names, init_checkpoint=None,
-                          dtype="float32"):
+                          dtype="float32", frozen_dtype="float32"):
     """Every check of a run that needs no graph; raises GPTSANError before anything is written.
 
     Checks the TFRecords (found, num_context), the vocabulary size, the ignore list, and the
@@ -585,6 +703,7 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
     if stored is not None:  # resume: the init checkpoint is not used
         check_checkpoint_shapes(stored, model, model_dir)
         check_resumable(stored, model, ignore_names, train.optimizer, model_dir)
+        check_frozen_dtype(model_dir, ignore_names, frozen_dtype)
         dynamic_scale = dtype == "float16" and train.optimizer == "adam"
         if dynamic_scale and optimization.LOSS_SCALE_VARIABLE not in stored:
             raise GPTSANError(f"{model_dir} was trained without --use_mixed_precision (it has "

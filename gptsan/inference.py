@@ -13,7 +13,7 @@ import collections
 
 import numpy as np
 
-from gptsan import fileio
+from gptsan import fileio, tensorio
 from gptsan import mesh as meshlib
 from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
@@ -267,7 +267,8 @@ class Predictor:
         if not self._restored:
             masters = {v.op.name: v for v in self._graph.get_collection(
                 tf.GraphKeys.GLOBAL_VARIABLES) if v.op.name.startswith(MODEL_VARIABLE_PREFIXES)}
-            tf.train.Saver(masters).restore(self._session, self.checkpoint)
+            # one variable at a time, cast from the stored dtype (float16/bfloat16 checkpoints)
+            tensorio.restore_variables(self._session, masters, self.checkpoint)
             self._restored = True
         self._session.run(lowering.copy_masters_to_slices())
 

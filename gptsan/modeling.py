@@ -91,7 +91,7 @@ def variable_shapes(config):
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
                 variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None,
-                one_slice=False, group_routing=None):
+                one_slice=False, group_routing=None, recompute_ext_layers=False):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -117,6 +117,10 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         training may use it too, with its own per-slice gradients (the per-expert Switch
         path, a segment-sum embedding gradient, matmul projections and tied head) instead
         of one-hot einsums.
+      recompute_ext_layers: training (fine-tuning): each extra dense layer keeps only its
+        input for the backward pass and recomputes the rest there (`mtf.recompute_grad`),
+        so activation memory stays about one layer's whatever the number of added layers.
+        Such layers report no `presents` / `new_keys_values` (training does not use them).
     Returns:
       ModelOutput.
     """
@@ -181,6 +185,16 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
             layer_past = (past.keys[layer], past.values[layer], past.length)
         elif spout_kv is not None:
             layer_past = spout_kv[layer]
+        if train and recompute_ext_layers and layer >= config.num_switch_layers:
+            def ext_layer(x_, mask_, *past_, layer=layer):
+                return _ext_block(x_, mask_, tuple(past_) or None, layer, dims, memory_dim,
+                                  variable_dtype, one_slice)
+
+            x = mtf.recompute_grad(ext_layer, [x, mask] + list(layer_past or ()))
+            presents.append(None)
+            new_kv.append(None)
+            hidden_states.append(x)
+            continue
         with tf.variable_scope(f"model/att{layer}"):
             attended, present, kv = _attention(x, mask, dims, memory_dim, layer_past,
                                                variable_dtype, train, unsplit_model, one_slice)
@@ -209,6 +223,19 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         logits = _head(x, wte, dims, variable_dtype, train, one_slice)
     return ModelOutput(logits=logits, hidden_states=hidden_states, aux_loss=aux_loss,
                        router_stats=stats, presents=presents, new_keys_values=new_kv)
+
+
+def _ext_block(x, mask, past, layer, dims, memory_dim, variable_dtype, one_slice):
+    """One extra dense layer in training (attention + MLP, residuals): x [B, T, D] -> same."""
+    with tf.variable_scope(f"model/att{layer}"):
+        attended, _, _ = _attention(x, mask, dims, memory_dim, past, variable_dtype, True,
+                                    False, one_slice)
+    with tf.variable_scope(f"model/an{layer}"):
+        x += layer_norm(attended, dims.d, variable_dtype)
+    with tf.variable_scope(f"model/mlp{layer}"):
+        y = _ext_mlp(x, dims, variable_dtype, one_slice, True)
+    with tf.variable_scope(f"model/ln{layer}"):
+        return x + layer_norm(y, dims.d, variable_dtype)
 
 
 def _visibility(mesh, batch_dim, length_dim, keys_dim, keys_offset, num_past, num_precontext,
@@ -319,9 +346,12 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
         if past is not None:
             keys = mtf.concat([past[0], keys], meshlib.MEMORY)
             values = mtf.concat([past[1], values], meshlib.MEMORY)
-        scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.length, memory_dim])
-        weights = _masked_softmax(scores, mask)
-        context = mtf.einsum([weights, values], bthk)
+        if train:  # the [B, H, T, M] probabilities are recomputed in the backward pass
+            context = _recomputed_attention(q, keys, values, mask, bthk)
+        else:
+            scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.length, memory_dim])
+            weights = _masked_softmax(scores, mask)
+            context = mtf.einsum([weights, values], bthk)
         presents = (keys, values)
     # The heads are contracted here: one matmul per slice only when they are not split.
     output = dense(context, w_o, [dims.batch, dims.length, dims.d],
@@ -335,8 +365,7 @@ def _masked_softmax(scores, mask):
     scores [B, H, T, M]; mask [B, T, M] or [T, M] (1 visible / 0). The gradient reuses the
     softmax: ds = (dp - sum(dp * p)) * p * m. Splits over every dim but memory.
     """
-    def broadcast(m):  # -> [B or 1, 1, T, M]: broadcast over heads
-        return m[:, None] if m.shape.ndims == 3 else m[None, None]
+    broadcast = _broadcast_mask
 
     def run(s, m):
         m = broadcast(m)
@@ -356,6 +385,52 @@ def _masked_softmax(scores, mask):
     return mtf.slicewise(run, [scores, mask], output_shape=scores.shape,
                          output_dtype=scores.dtype, splittable_dims=splittable,
                          grad_function=gradient, name="masked_softmax")
+
+
+def _broadcast_mask(m):
+    """[B, T, M] or [T, M] (1 visible / 0) -> [B or 1, 1, T, M]: broadcast over heads."""
+    return m[:, None] if m.shape.ndims == 3 else m[None, None]
+
+
+def _attention_probabilities(q, k, m):
+    """Per slice: q [B, T, H, K], k [B, M, H, K], mask -> masked softmax [B, H, T, M]."""
+    m = _broadcast_mask(m)
+    return tf.nn.softmax(tf.einsum("bthk,bmhk->bhtm", q, k) * m + (m - 1.0) * -MASKED_SCORE)
+
+
+def _recomputed_attention(q, keys, values, mask, bthk):
+    """softmax(q . keys, masked) . values -> [B, T, H, K], keeping no [B, H, T, M] tensor.
+
+    Training: the backward pass recomputes the probabilities p from q and keys instead of
+    holding them from the forward pass (they are the largest activations of a layer: heads x
+    T x M, 105 MB per layer at 1280 positions and 16 heads). Gradients, per slice:
+    dp = dy . v, dv = p^T . dy, ds = (dp - sum(dp * p)) * p * m, dq = ds . k, dk = ds^T . q.
+    q [B, T, H, K], keys/values [B, M, H, K], mask [B, T, M] or [T, M].
+    """
+    splittable = [d for d in q.shape.dims if d.name != meshlib.HEAD_DIM]  # not K, M
+
+    def forward(q_, k_, v_, m_):
+        return tf.einsum("bhtm,bmhk->bthk", _attention_probabilities(q_, k_, m_), v_)
+
+    def gradient(op, dy):
+        def backward(q_, k_, v_, m_, dy_):
+            with tf.control_dependencies([dy_]):  # not before the backward pass reaches here
+                p = _attention_probabilities(q_, k_, m_)  # [B, H, T, M]
+            dp = tf.einsum("bthk,bmhk->bhtm", dy_, v_)
+            ds = (dp - tf.reduce_sum(dp * p, -1, keepdims=True)) * p * _broadcast_mask(m_)
+            return (tf.einsum("bhtm,bmhk->bthk", ds, k_), tf.einsum("bhtm,bthk->bmhk", ds, q_),
+                    tf.einsum("bhtm,bthk->bmhk", p, dy_))
+
+        dq, dk, dv = mtf.slicewise(
+            backward, list(op.inputs) + [dy],
+            output_shape=[op.inputs[0].shape, op.inputs[1].shape, op.inputs[2].shape],
+            output_dtype=[op.inputs[0].dtype] * 3, splittable_dims=splittable, grad_function=0,
+            name="recomputed_attention_grad")
+        return [dq, dk, dv, mtf.zeros_like(op.inputs[3])]  # recompute_grad wants all four
+
+    return mtf.slicewise(forward, [q, keys, values, mask], output_shape=mtf.Shape(bthk),
+                         output_dtype=q.dtype, splittable_dims=splittable,
+                         grad_function=gradient, name="recomputed_attention")
 
 
 def _cached_context(q, k, v, past, new_mask, dims):

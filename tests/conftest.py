@@ -156,3 +156,7 @@ def run_hf(model, input_ids, **kwargs):
 def hf_reference():
     """`run_hf` as a fixture (see its docstring)."""
     return run_hf
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds (child processes)")

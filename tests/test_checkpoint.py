@@ -1,6 +1,7 @@
 """Checkpoint conversion (GPTSAN TF <-> HF transformers) and adding extra layers."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -274,9 +275,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(model_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["junk", "o"]
 
 
-def test_add_layers_cli(model_dir, tmp_path):
+NEW_LAYER_LEAVES = [("att", "qkv/kernel"), ("att", "o/kernel"), ("an", "g"), ("an", "b"),
+                    ("ln", "g"), ("ln", "b"), ("mlp", "p1/kernel"), ("mlp", "p1/bias"),
+                    ("mlp", "p2/kernel"), ("mlp", "p2/bias")]
+
+
+def test_add_layers_project_alternatives(model_dir, tmp_path):
+    """--init fan_in --spout_out extend --frozen existing: the project's own choices."""
     dst = tmp_path / "bigger"
-    result = _run(ADD_LAYERS, "--src", model_dir, "--dst", str(dst), "--add_extra_stage", "2")
+    result = _run(ADD_LAYERS, "--src", model_dir, "--dst", str(dst), "--add_extra_stage", "2",
+                  "--init", "fan_in", "--spout_out", "extend", "--frozen", "existing")
     assert result.returncode == 0, result.stderr
     old = ck.read_tf_checkpoint(model_dir)
     new = ck.read_tf_checkpoint(str(dst))
@@ -284,10 +292,7 @@ def test_add_layers_cli(model_dir, tmp_path):
         if name != "pasts/out/kernel":
             np.testing.assert_array_equal(new[name], value, err_msg=name)
     added = set(new) - set(old)
-    assert added == {f"model/{part}{i}/{leaf}" for i in (3, 4) for part, leaf in [
-        ("att", "qkv/kernel"), ("att", "o/kernel"), ("an", "g"), ("an", "b"), ("ln", "g"),
-        ("ln", "b"), ("mlp", "p1/kernel"), ("mlp", "p1/bias"), ("mlp", "p2/kernel"),
-        ("mlp", "p2/bias")]}
+    assert added == {f"model/{part}{i}/{leaf}" for i in (3, 4) for part, leaf in NEW_LAYER_LEAVES}
     assert new["model/mlp4/p1/kernel"].shape == (D, EXT)  # the model's extra-layer width
     np.testing.assert_array_equal(new["model/an3/g"], np.ones(D))
     np.testing.assert_array_equal(new["model/ln4/b"], np.zeros(D))
@@ -307,6 +312,65 @@ def test_add_layers_cli(model_dir, tmp_path):
     assert os.path.exists(dst / "vocab.txt") and os.path.exists(dst / "emoji.json")
 
 
+def test_add_layers_defaults_are_the_published_tool(model_dir, tmp_path):
+    """An independent statement of what HEAD's tools/run_modelconvert.py writes for
+    --add_extra_stage N, checked against our default output."""
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+    source_ignore = ["model/wte", "model/att0/qkv/kernel", "pasts/mlp0/kernel"]
+    (src / "ignore-params.json").write_text(json.dumps(source_ignore))
+    dst = tmp_path / "GPTSAN-finetune"
+    n = 2
+    result = _run(ADD_LAYERS, "--src", str(src), "--dst", str(dst), "--add_extra_stage", str(n))
+    assert result.returncode == 0, result.stderr
+    old = ck.read_tf_checkpoint(str(src))
+    reader = tf.train.load_checkpoint(str(dst))
+    stored = reader.get_variable_to_shape_map()
+    new = {name: reader.get_tensor(name) for name in stored}
+    # HEAD: every source variable except pasts/out/kernel is copied as is ...
+    kept = sorted(set(old) - {"pasts/out/kernel"})
+    for name in kept:
+        np.testing.assert_array_equal(new[name], old[name], err_msg=name)
+    # ... and for each new layer l: an/ln b=0, g=1, and N(0,1)*0.02 for the four kernels AND
+    # the two MLP biases, pasts/out/kernel drawn anew likewise. HEAD's MLP width is
+    # 4 * num_hidden, which published models always have; ours is num_ext_hidden (EXT here).
+    layers = range(L, L + n)
+    expected_new = {f"model/{part}{i}/{leaf}" for i in layers for part, leaf in NEW_LAYER_LEAVES}
+    expected_new.add("pasts/out/kernel")
+    assert set(stored) == set(kept) | expected_new | {"global_step"}  # no optimizer slots
+    assert not any(name.endswith(("/adam_m", "/adam_v")) for name in stored)
+    assert new["global_step"] == 0
+    randoms = {"qkv/kernel": (D, 3, H, HD), "o/kernel": (H, HD, D), "p1/kernel": (D, EXT),
+               "p1/bias": (EXT,), "p2/kernel": (EXT, D), "p2/bias": (D,)}
+    for i in layers:
+        for norm in ("an", "ln"):
+            np.testing.assert_array_equal(new[f"model/{norm}{i}/g"], np.ones(D, np.float32))
+            np.testing.assert_array_equal(new[f"model/{norm}{i}/b"], np.zeros(D, np.float32))
+        for leaf, shape in randoms.items():
+            part = "att" if leaf.endswith("/kernel") and leaf[0] in "qo" else "mlp"
+            value = new[f"model/{part}{i}/{leaf}"]
+            assert value.shape == shape and value.dtype == np.float32
+            assert abs(value.mean()) < 0.01 and 0.013 < value.std() < 0.027, (i, leaf)
+    spout_out = new["pasts/out/kernel"]
+    assert spout_out.shape == (SP, (L + n) * 2 * D)
+    assert abs(spout_out.mean()) < 0.002 and 0.019 < spout_out.std() < 0.021
+    assert not np.array_equal(spout_out[:, :L * 2 * D], old["pasts/out/kernel"])
+    params = json.load(open(dst / "parameters.json"))
+    source_params = json.load(open(src / "parameters.json"))
+    assert params["model_params"] == dict(source_params["model_params"],
+                                          num_ext_layers=source_params["model_params"][
+                                              "num_ext_layers"] + n)
+    assert params["train_params"]["output_dir"] == "GPTSAN-finetune"
+    assert json.load(open(dst / "ignore-params.json")) == source_ignore  # unchanged
+    assert json.load(open(dst / "transformer-params.json")) == kept
+    assert sorted(json.load(open(dst / "all-params.json"))) == sorted(set(kept) | expected_new)
+    # HEAD refuses a source without ignore-params.json; we point at --frozen existing
+    result = _run(ADD_LAYERS, "--src", model_dir, "--dst", str(tmp_path / "x"),
+                  "--add_extra_stage", "1")
+    assert result.returncode == 2 and "--frozen existing" in result.stderr
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_names_and_shapes_agree_with_the_model_graph():
     from gptsan.modeling import variable_shapes
 
@@ -324,12 +388,13 @@ def test_add_layers_to_switch_only_model_creates_zero_ete_and_loads_in_hf(tmp_pa
     rng = np.random.default_rng(1)
     variables = {n: rng.standard_normal(s).astype(np.float32)
                  for n, s in ck.expected_variable_shapes(model).items()}
-    new, new_model, frozen = ck.add_extra_layers(variables, model, 1, seed=3)
+    new, new_model, kept, added = ck.add_extra_layers(variables, model, 1, seed=3)
     assert new_model.num_ext_layers == 1 and new_model.num_ext_hidden == 4 * 16
-    assert not new["model/ete"].any() and "pasts/out/kernel" not in new
-    assert frozen == sorted(variables)
-    again, _, _ = ck.add_extra_layers(variables, model, 1, seed=3)
-    np.testing.assert_array_equal(again["model/mlp1/p1/kernel"], new["model/mlp1/p1/kernel"])
+    assert not new["model/ete"].load().any() and "pasts/out/kernel" not in new
+    assert kept == sorted(variables) and "model/ete" in added
+    again = ck.add_extra_layers(variables, model, 1, seed=3)[0]
+    np.testing.assert_array_equal(again["model/mlp1/p1/kernel"].load(),
+                                  new["model/mlp1/p1/kernel"].load())
     ck.write_tf_checkpoint(str(tmp_path / "m"), new, new_model)
     ck.convert_gptsan_to_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
     hf_model, info = transformers.GPTSanJapaneseForConditionalGeneration.from_pretrained(
@@ -337,3 +402,111 @@ def test_add_layers_to_switch_only_model_creates_zero_ete_and_loads_in_hf(tmp_pa
     assert not any(info.values()) and len(hf_model.model.blocks) == 2
     with pytest.raises(GPTSANError, match="must be > 0"):
         ck.add_extra_layers(variables, model, 0)
+
+
+def _independent_tf(hf):
+    """The TF variables of the tiny model from an HF state dict, written out with NumPy alone
+    (no gptsan.checkpoint code): the non-streamed result the streaming converter must equal."""
+    hf = {k: np.asarray(v, np.float32) for k, v in hf.items()}
+    out = {"model/wte": hf["model.embed_tokens.weight"],
+           "model/wpe": hf["model.position_embeddings.weight"],
+           "model/ete": hf["model.extra_position_embeddings.weight"],
+           "model/dense/kernel": hf["model.last_project.weight"].T,
+           "model/dense_1/bias": hf["model.last_project.bias"],
+           "model/wob": hf["final_logits_bias"][0],
+           "pasts/out/kernel": hf["model.spout.16.weight"].T}
+    for n in range(8):
+        out[f"pasts/mlp{n}/kernel"] = hf[f"model.spout.{2 * n}.weight"].T
+    for i in range(L):
+        block = f"model.blocks.{i}."
+        attn = block + "self_attn.self_attn."
+        out[f"model/att{i}/qkv/kernel"] = np.stack(
+            [hf[attn + f"{p}_proj.weight"].T for p in "qkv"], axis=1).reshape(D, 3, H, HD)
+        out[f"model/att{i}/o/kernel"] = hf[attn + "out_proj.weight"].T.reshape(H, HD, D)
+        for ours, theirs in (("an", "self_attn.norm"), ("ln", "feed_forward.norm")):
+            out[f"model/{ours}{i}/g"] = hf[block + theirs + ".weight"]
+            out[f"model/{ours}{i}/b"] = hf[block + theirs + ".bias"]
+        ff = block + "feed_forward."
+        if i < 2:
+            out[f"model/moe{i}/switch_gating/kernel"] = hf[ff + "mlp.router.classifier.weight"].T
+            out[f"model/moe{i}/softmlp/kernel"] = hf[ff + "soft_bypass_mlp.weight"].T
+            for w in ("wi", "wo"):
+                out[f"model/moe{i}/{w}/kernel"] = np.stack(
+                    [hf[ff + f"mlp.experts.expert_{e}.{w}.weight"].T for e in range(E)])
+        else:
+            out[f"model/mlp{i}/p1/kernel"] = hf[ff + "mlp.wi.weight"].T
+            out[f"model/mlp{i}/p1/bias"] = hf[ff + "mlp.wi.bias"]
+            out[f"model/mlp{i}/p2/kernel"] = hf[ff + "mlp.wo.weight"].T
+            out[f"model/mlp{i}/p2/bias"] = hf[ff + "mlp.wo.bias"]
+    return out
+
+
+def _stored(model_dir):
+    reader = tf.train.load_checkpoint(model_dir)
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+            if n != "global_step"}
+
+
+def test_streamed_conversions_equal_the_independent_result(hf_dir, tmp_path, monkeypatch):
+    """float32 / float16 / bfloat16 safetensors and a sharded float16 pytorch_model.bin all
+    give the independent NumPy result bit for bit (widening is exact), written in many small
+    shards; --dtype float16 stores exactly its rounding; GPTSAN -> HF writes the very bytes of
+    safetensors' own save_file."""
+    from gptsan import tensorio
+
+    monkeypatch.setattr(tensorio, "WRITE_GROUP_BYTES", 20_000)  # many SaveV2 groups
+    hf = safetensors_numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    sources = {}
+    for dtype in (np.float16, tensorio.bfloat16()):
+        src = tmp_path / f"hf_{np.dtype(dtype).name}"
+        src.mkdir()
+        rounded = {k: v.astype(dtype) for k, v in hf.items()}
+        safetensors_numpy.save_file(rounded, str(src / "model.safetensors"),
+                                    metadata={"format": "pt"})
+        (src / "config.json").write_text(json.dumps(config))
+        sources[src] = rounded
+    bin_dir = tmp_path / "hf_bin"  # two torch shards + index, as transformers writes them
+    bin_dir.mkdir()
+    names = sorted(hf)
+    weight_map = {}
+    for k, part in enumerate((names[::2], names[1::2])):
+        shard = f"pytorch_model-0000{k + 1}-of-00002.bin"
+        torch.save({n: torch.from_numpy(hf[n].astype(np.float16)) for n in part},
+                   str(bin_dir / shard))
+        weight_map.update({n: shard for n in part})
+    (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (bin_dir / "config.json").write_text(json.dumps(config))
+    sources[bin_dir] = {k: v.astype(np.float16) for k, v in hf.items()}
+    sources[hf_dir] = hf
+    for src, state in sources.items():
+        out = str(tmp_path / (os.path.basename(str(src)) + "_tf"))
+        ck.convert_hf_to_gptsan(str(src), out)
+        assert len([f for f in os.listdir(out) if ".data-" in f]) > 5  # streamed in groups
+        expected, stored = _independent_tf(state), _stored(out)
+        assert set(stored) == set(expected) == set(DOCUMENTED_SHAPES)
+        for name, value in expected.items():
+            assert stored[name].dtype == np.float32
+            np.testing.assert_array_equal(stored[name], value, err_msg=f"{src}: {name}")
+    half = str(tmp_path / "tf16")
+    _run(CONVERT, "--src", hf_dir, "--dst", half, "--dtype", "float16").check_returncode()
+    for name, value in _independent_tf(hf).items():
+        np.testing.assert_array_equal(_stored(half)[name], value.astype(np.float16), err_msg=name)
+    back = tmp_path / "hf_back"
+    ck.convert_gptsan_to_hf(str(tmp_path / (os.path.basename(hf_dir) + "_tf")), str(back))
+    safetensors_numpy.save_file(hf, str(tmp_path / "reference.safetensors"),
+                                metadata={"format": "pt"})
+    assert (back / "model.safetensors").read_bytes() == \
+        (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_float16_checkpoint_loads_for_inference(hf_tiny, tmp_path):
+    from gptsan.inference import Predictor
+
+    half = str(tmp_path / "tf16")
+    ck.convert_hf_to_gptsan(hf_tiny.hf_dir, half, dtype="float16")
+    ids = [[3, 7, 1, 100, 5]]
+    with Predictor(hf_tiny.model_dir) as full, Predictor(half) as narrow:
+        a, b = full.forward(ids)["logits"], narrow.forward(ids)["logits"]
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # float16-rounded weights only
+    assert not np.array_equal(a, b)

@@ -300,7 +300,7 @@ def test_conversion_and_add_layers_refuse_a_foreign_vocabulary(capsys, tmp_path,
                        tmp_path / "hf2"), os.path.join(tampered, "ja-swe8k-demo.txt"),
                    os.path.join(tampered, "parameters.json"))
     assert_refused(run(capsys, "scripts/add_layers.py", "--src", tampered, "--dst",
-                       tmp_path / "more", "--add_extra_stage", "1"),
+                       tmp_path / "more", "--add_extra_stage", "1", "--frozen", "existing"),
                    os.path.join(tampered, "parameters.json"))
     assert sorted(os.listdir(tmp_path)) == ["hf", "tampered"]
 
@@ -314,7 +314,8 @@ def test_round_trip_keeps_the_record(tmp_path):
     assert (config.vocabulary.vocab_sha256, config.vocabulary.emoji_sha256,
             config.vocabulary.vocab_name) == (demo.vocab_sha256, demo.emoji_sha256,
                                               demo.vocab_name)
-    added = ck.add_layers_to_model_dir(str(tmp_path / "back"), str(tmp_path / "more"), 1)
+    added = ck.add_layers_to_model_dir(str(tmp_path / "back"), str(tmp_path / "more"), 1,
+                                      frozen="existing")
     assert added.vocabulary == config.vocabulary
     with open(tmp_path / "more" / config.vocabulary.vocab_file, encoding="utf-8") as f, \
             open(DEMO_VOCAB, encoding="utf-8") as g:

@@ -193,7 +193,7 @@ def test_gradients_reach_every_variable_and_the_gather_rows():
     np.testing.assert_array_equal(used, (np.arange(16) >= 1) & (np.arange(16) <= 5))
 
 
-def _training_gradients(config, ids, one_slice):
+def _training_gradients(config, ids, one_slice, recompute_ext_layers=False):
     """{variable: gradient} of sum(logits * c) + aux loss for one training build on 1x1,
     with every weight set from a fixed RNG by name and step-seeded router jitter."""
     from gptsan.estimator import StepSeededMeshImpl
@@ -206,7 +206,8 @@ def _training_gradients(config, ids, one_slice):
                          mtf.Dimension(meshlib.LENGTH, ids.shape[1]))
         output = build_model(config, mesh, mtf.import_tf_tensor(mesh, tf.constant(ids),
                                                                 [batch, length]),
-                             train=True, one_slice=one_slice)
+                             train=True, one_slice=one_slice,
+                             recompute_ext_layers=recompute_ext_layers)
         coefficients = np.random.default_rng(1).normal(size=output.logits.shape.to_integer_list)
         loss = mtf.reduce_sum(output.logits * mtf.import_tf_tensor(
             mesh, tf.constant(coefficients, tf.float32), output.logits.shape)) + output.aux_loss
@@ -386,3 +387,61 @@ def test_switch_eval_overflow(local_experts):
     np.testing.assert_allclose(y, y_ref, atol=1e-5)
     soft_only = np.tanh(x @ weights[1])
     np.testing.assert_allclose(y.reshape(24, -1)[12:], soft_only.reshape(24, -1)[12:], atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", ["batch:1,model:1", "batch:2,model:2"])
+def test_recomputed_attention_matches_autodiff_of_stored_probabilities(mesh_shape):
+    """Training attention (probabilities recomputed in the backward pass) gives the outputs and
+    the q/k/v gradients of the plain einsum + masked softmax formulation, heads split or not."""
+    from gptsan.modeling import _masked_softmax, _recomputed_attention
+
+    rng = np.random.default_rng(0)
+    b, t, m, h, k = 2, 3, 4, 2, 5
+    arrays = {"q": rng.standard_normal((b, t, h, k)), "keys": rng.standard_normal((b, m, h, k)),
+              "values": rng.standard_normal((b, m, h, k)),
+              "mask": (rng.random((b, t, m)) > 0.3), "c": rng.standard_normal((b, t, h, k))}
+    graph = tf.Graph()
+    with graph.as_default():
+        mtf_graph = mtf.Graph()
+        mesh = mtf.Mesh(mtf_graph, "mesh")
+        dim = {n: mtf.Dimension(n, s) for n, s in ((meshlib.BATCH, b), (meshlib.LENGTH, t),
+                                                    (meshlib.MEMORY, m), (meshlib.HEADS, h),
+                                                    (meshlib.HEAD_DIM, k))}
+        bthk = [dim[meshlib.BATCH], dim[meshlib.LENGTH], dim[meshlib.HEADS], dim[meshlib.HEAD_DIM]]
+        bmhk = [dim[meshlib.BATCH], dim[meshlib.MEMORY], dim[meshlib.HEADS], dim[meshlib.HEAD_DIM]]
+        shapes = {"q": bthk, "keys": bmhk, "values": bmhk, "c": bthk,
+                  "mask": [dim[meshlib.BATCH], dim[meshlib.LENGTH], dim[meshlib.MEMORY]]}
+        x = {n: mtf.import_tf_tensor(mesh, tf.constant(a, tf.float32), shapes[n])
+             for n, a in arrays.items()}
+        ours = _recomputed_attention(x["q"], x["keys"], x["values"], x["mask"], bthk)
+        scores = mtf.einsum([x["q"], x["keys"]], [dim[meshlib.BATCH], dim[meshlib.HEADS],
+                                                 dim[meshlib.LENGTH], dim[meshlib.MEMORY]])
+        plain = mtf.einsum([_masked_softmax(scores, x["mask"]), x["values"]], bthk)
+        outputs = {}
+        for name, context in (("ours", ours), ("plain", plain)):
+            loss = mtf.reduce_sum(context * x["c"])
+            grads = mtf.gradients([loss], [x["q"], x["keys"], x["values"]])
+            outputs[name] = [context] + grads
+        devices = meshlib.cpu_devices_for(meshlib.parse_mesh_shape(mesh_shape))
+        lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl(mesh_shape, devices)})
+        fetch = {n: [lowering.export_to_tf_tensor(t) for t in ts] for n, ts in outputs.items()}
+        with tf.Session(graph=graph, config=tf.ConfigProto(device_count={"CPU": 4})) as session:
+            values = session.run(fetch)
+    for ours_value, plain_value in zip(values["ours"], values["plain"]):
+        np.testing.assert_allclose(ours_value, plain_value, rtol=1e-5, atol=1e-6)
+
+
+def test_recomputed_extra_layers_give_the_same_gradients():
+    """Fine-tuning's recomputation of the extra layers (and their spout keys/values) in the
+    backward pass changes no gradient."""
+    config = ModelConfig(num_contexts=16, num_switch_layers=1, num_ext_layers=2, num_hidden=16,
+                         num_header=2, num_experts=2, num_spout=0, num_vocabulary=40,
+                         num_moe_hidden=24, num_ext_hidden=24)
+    ids = np.random.default_rng(2).integers(0, 40, (2, 16)).astype(np.int32)
+    for one_slice in (False, True):
+        stored = _training_gradients(config, ids, one_slice)
+        recomputed = _training_gradients(config, ids, one_slice, recompute_ext_layers=True)
+        assert set(stored) == set(recomputed)
+        for name, value in stored.items():
+            np.testing.assert_allclose(recomputed[name], value, rtol=1e-4,
+                                       atol=1e-5 * (np.abs(value).max() + 1e-6), err_msg=name)

@@ -251,7 +251,7 @@ def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
 
     source_dir, _ = trained(work, "lm")
     extended = str(tmp_path / "extended")
-    add_layers_to_model_dir(source_dir, extended, 1, seed=0)
+    add_layers_to_model_dir(source_dir, extended, 1, seed=0, frozen="existing")
     ignore = os.path.join(extended, IGNORE_PARAMS_FILE)
     tuned = str(tmp_path / "tuned")
     run_train("--init_checkpoint", extended, "--ignore_parameters", ignore,
@@ -281,6 +281,51 @@ def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
     with pytest.raises(GPTSANError, match="no optimizer state for model/"):
         cli.main(["--input_files", work["records"]["lm"], "--model_dir", tuned,
                   "--mesh_shape", MESH, "--max_training_step", "4"])
+
+
+FROZEN_BF16_LOSS_TOLERANCE = 0.01  # relative: bfloat16 storage rounds frozen weights by <= 2^-9
+
+
+def test_finetune_with_bfloat16_frozen_weights(work, tmp_path):
+    """--frozen_dtype bfloat16: the frozen backbone is held and saved in bfloat16, the loss
+    stays within 1% of the float32 run's, and only the added layers train."""
+    from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir
+
+    source_dir, _ = trained(work, "lm")
+    extended = str(tmp_path / "extended")
+    add_layers_to_model_dir(source_dir, extended, 1, seed=0, frozen="existing")
+    ignore = os.path.join(extended, IGNORE_PARAMS_FILE)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        losses[dtype] = run_train(
+            "--init_checkpoint", extended, "--ignore_parameters", ignore, "--input_files",
+            work["records"]["lm"], "--model_dir", str(tmp_path / dtype), "--mesh_shape",
+            "batch:1,model:1", "--max_training_step", "3", "--seed", "1", "--frozen_dtype", dtype)
+    assert [s for s, _ in losses["bfloat16"]] == [s for s, _ in losses["float32"]] == [1, 2, 3]
+    for (_, narrow), (_, full) in zip(losses["bfloat16"], losses["float32"]):
+        assert abs(narrow - full) <= FROZEN_BF16_LOSS_TOLERANCE * full
+    assert losses["bfloat16"] != losses["float32"]  # the rounding is real
+    reader = tf.train.load_checkpoint(str(tmp_path / "bfloat16"))
+    dtypes = reader.get_variable_to_dtype_map()
+    before = read_variables(extended)
+    with open(ignore, encoding="utf-8") as f:
+        frozen = json.load(f)
+    import ml_dtypes
+    for name in frozen:
+        assert dtypes[name] == tf.bfloat16 and f"{name}/adam_m" not in dtypes, name
+        np.testing.assert_array_equal(reader.get_tensor(name),
+                                      before[name].astype(ml_dtypes.bfloat16), err_msg=name)
+    assert dtypes["model/mlp2/p1/kernel"] == tf.float32
+    assert not np.array_equal(reader.get_tensor("model/mlp2/p1/kernel"),
+                              before["model/mlp2/p1/kernel"])
+    import run_train as cli
+    args = ["--ignore_parameters", ignore, "--input_files", work["records"]["lm"],
+            "--model_dir", str(tmp_path / "bfloat16"), "--mesh_shape", "batch:1,model:1",
+            "--max_training_step", "4"]
+    with pytest.raises(GPTSANError, match="resume with --frozen_dtype bfloat16"):
+        cli.main(args)
+    with pytest.raises(GPTSANError, match="one-device fine-tuning"):
+        cli.main(args[:-4] + ["--mesh_shape", MESH, "--frozen_dtype", "bfloat16"])
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(work, tmp_path):
@@ -389,7 +434,7 @@ def test_checkpoint_mismatches_are_refused(work, tmp_path):
         cli.main(args)
     from gptsan.checkpoint import add_layers_to_model_dir
     extended = str(tmp_path / "extended")
-    add_layers_to_model_dir(source_dir, extended, 1)
+    add_layers_to_model_dir(source_dir, extended, 1, frozen="existing")
     with pytest.raises(GPTSANError, match="without adam training state"):
         cli.main(["--input_files", work["records"]["lm"], "--model_dir", extended,
                   "--mesh_shape", MESH])
