@@ -64,15 +64,23 @@ class EmojiReplacer:
         self.exact = self._no_overlap_with_tokens()
 
     def _no_overlap_with_tokens(self):
-        tokens = set(v for _, v in self.items)
+        """True if no surface lies inside a class token or holds one, starts with the tail of
+        one or ends with the head of one."""
+        tokens = {token for _, token in self.items}
+        if "" in tokens:
+            return False  # an empty token is in every surface
+        inside = {t[i:j] for t in tokens for i in range(len(t)) for j in range(i + 1, len(t) + 1)}
+        heads = {t[:k] for t in tokens for k in range(1, len(t))}
+        tails = {t[k:] for t in tokens for k in range(1, len(t))}
+        by_first_char = {}
+        for token in tokens:
+            by_first_char.setdefault(token[0], []).append(token)
         for surface, _ in self.items:
-            for token in tokens:
-                if surface in token or token in surface:
-                    return False
-                for k in range(1, len(token)):
-                    # surface starting with a token tail, or ending with a token head
-                    if surface.startswith(token[k:]) or surface.endswith(token[:k]):
-                        return False
+            if (surface in inside
+                    or any(t in surface for c in set(surface) for t in by_first_char.get(c, ()))
+                    or any(surface[:j] in tails or surface[-j:] in heads
+                           for j in range(1, len(surface) + 1))):
+                return False
         return True
 
     def __call__(self, text):

@@ -238,6 +238,30 @@ def test_array_scan_equals_the_loop_and_the_published_rule(vocabulary, monkeypat
     check()
 
 
+def _overlaps_a_token(table):
+    """Whether some emoji surface lies inside a class token or holds one, or starts with a
+    token's tail or ends with a token's head (by brute force)."""
+    return any(surface in token or token in surface
+               or any(surface.startswith(token[k:]) or surface.endswith(token[:k])
+                      for k in range(1, len(token)))
+               for surface in table for token in table.values())
+
+
+_EMOJI_PIECES = st.text(alphabet="<|e1>ab", min_size=1, max_size=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_EMOJI_PIECES, st.sampled_from(["<|e1|>", "<|e2|>", "b<", "a"]),
+                       max_size=5),
+       st.text(alphabet="<|e1>abc", max_size=30))
+def test_emoji_replacer_equals_the_table_loop(table, text):
+    """The one-scan replacement (or its fallback when a surface overlaps a class token) gives
+    the text of the plain loop over the table."""
+    replacer = tokenization_fast.EmojiReplacer(table)
+    assert replacer.exact == (not _overlaps_a_token(table))
+    assert replacer(text) == tokenization_reference.replace_emoji(text, table)
+
+
 _PRICE_ATOMS = ["0", "1", "5", "9", "１", "٣", ",", ",000", ",12", "億", "万", "千", "千万", "円", "ドル",
                 "ユーロ", "(税込)", "+tax", "x"]
 _DATE_ATOMS = ["0", "1", "2", "3", "9", "12", "2020", "１", "/", "-", "年", "月", "日", "時", "分", ":",
