@@ -419,9 +419,10 @@ def beam_search(model, prompt, special, settings, limit):
 def open_model_files(model_dir, vocabulary=None, emoji=None):
     """(SWEEncoder, GPTSANConfig) of `--model DIR` (no TensorFlow yet: checks fail fast).
 
-    Everything comes from the model directory; `vocabulary`/`emoji` replace its copies.
+    Everything comes from the model directory; `vocabulary`/`emoji` replace its copies (they
+    must be the vocabulary the directory records: gptsan.fingerprint).
     """
-    from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
+    from gptsan import fingerprint
     from gptsan.config import PARAMETERS_FILE, GPTSANConfig
     from gptsan.tokenization import SWEEncoder
 
@@ -429,14 +430,10 @@ def open_model_files(model_dir, vocabulary=None, emoji=None):
     _require(fileio.isfile(fileio.join(model_dir, PARAMETERS_FILE)),
              f"{model_dir} is not a GPTSAN model directory (no {PARAMETERS_FILE})")
     config = GPTSANConfig.from_json_file(model_dir)
-    vocabulary = vocabulary or fileio.join(model_dir, VOCAB_FILE)
-    emoji = emoji or fileio.join(model_dir, EMOJI_FILE)
-    _require(fileio.isfile(vocabulary), f"vocabulary file not found: {vocabulary} "
-             "(the model directory has no copy; pass --vocabulary)")
-    _require(fileio.isfile(emoji), f"emoji file not found: {emoji} "
-             "(the model directory has no copy; pass --emoji)")
-    encoder = SWEEncoder.from_files(vocabulary, emoji)
-    config.model.validate_vocabulary(len(encoder), source=vocabulary)
+    files = fingerprint.model_vocabulary(model_dir, config, vocabulary, emoji)
+    fingerprint.announce(files)
+    encoder = SWEEncoder.from_files(files.vocab, files.emoji)
+    config.model.validate_vocabulary(len(encoder), source=files.vocab)
     return encoder, config
 
 

@@ -15,7 +15,6 @@ import numpy as np
 
 from gptsan import fileio
 from gptsan import mesh as meshlib
-from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
 from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
@@ -53,7 +52,7 @@ class Predictor:
         self._mesh_impl = meshlib.make_mesh_impl(self.mesh_shape, devices=devices)
         self.batch_size = batch_size
         self.max_length = self.model_config.num_contexts
-        self.encoder = _load_encoder(model_dir)
+        self.encoder = _load_encoder(model_dir, self.config)
 
         self._graph = tf.Graph()
         config = session_config(meshlib.mesh_size(self.mesh_shape))
@@ -507,13 +506,11 @@ def _check_checkpoint(prefix, config):
                               "not match the checkpoint")
 
 
-def _load_encoder(model_dir):
-    """The model directory's SWEEncoder, or None when it has no vocabulary copy."""
-    vocab, emoji = fileio.join(model_dir, VOCAB_FILE), fileio.join(model_dir, EMOJI_FILE)
-    if not (fileio.isfile(vocab) and fileio.isfile(emoji)):
-        return None
-    try:
-        from gptsan.tokenization import SWEEncoder
-    except ImportError:
-        return None
-    return SWEEncoder.from_files(vocab, emoji)
+def _load_encoder(model_dir, config):
+    """The model directory's SWEEncoder (checked against its recorded vocabulary fingerprint:
+    gptsan.fingerprint), or None when it has no vocabulary copy."""
+    from gptsan import fingerprint
+    from gptsan.tokenization import SWEEncoder
+
+    files = fingerprint.model_vocabulary(model_dir, config, required=False)
+    return None if files is None else SWEEncoder.from_files(files.vocab, files.emoji)

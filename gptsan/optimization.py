@@ -3,7 +3,7 @@
 Everything here works on mtf tensors and variables of one mesh; the learning rate is a TF scalar
 computed from the global step (so a resumed run continues the same schedule).
 
-Name rules (DESIGN.md checkpoint names; unit-tested in tests/test_optimization.py):
+Name rules (docs/ARCHITECTURE.md "Checkpoint names"; unit-tested in tests/test_optimization.py):
 * weight decay skips the LayerNorm gain/bias (`model/an{i}/g`, `model/ln{i}/b`, ...), every
   dense bias (`.../bias`) and the output-logit bias `model/wob`;
 * variables named in an ignore list (the published `ignore-params.json`) are frozen: they get no

@@ -11,13 +11,14 @@ import dataclasses
 
 from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
-from gptsan.layers import dense, dense_initializer
+from gptsan.layers import dense, dense_initializer, normal_initializer
 
 MAX_GROUP_SIZE = 1024  # published moe_group_size
 TRAIN_CAPACITY_FACTOR = 1.25  # published moe_capacity_factor_train
 EVAL_CAPACITY_FACTOR = 2.0  # published moe_capacity_factor_eval
 MIN_EXPERT_CAPACITY = 4  # published moe_min_expert_capacity
 JITTER = 1e-2  # published switch input jitter (multiplicative, train only, gate input only)
+SOFTMLP_STDDEV = 0.01  # HEAD's softmlp kernel init (router and experts: mtf's default)
 MAX_SLICED_TOKENS = 8  # token-choice path: up to this many tokens per slice use aliasing slices
 
 
@@ -99,7 +100,7 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
                               dtype=router_dtype, initializer=dense_initializer(d_dim.size))
     w_soft = mtf.get_variable(mesh, "softmlp/kernel",
                               [d_dim, mtf.Dimension(meshlib.D_MODEL_OUT, d_dim.size)],
-                              dtype=variable_dtype, initializer=dense_initializer(d_dim.size))
+                              dtype=variable_dtype, initializer=normal_initializer(SOFTMLP_STDDEV))
     w_in = mtf.get_variable(mesh, "wi/kernel", [experts_dim, d_dim, hidden_dim],
                             dtype=variable_dtype, initializer=dense_initializer(d_dim.size))
     w_out = mtf.get_variable(mesh, "wo/kernel", [experts_dim, hidden_dim, d_dim],

@@ -11,8 +11,8 @@ Three modules:
 """
 from gptsan.tokenization_fast import EmojiReplacer, Scanner, clean_text
 from gptsan.tokenization_reference import (  # noqa: F401 (the public names of the tokenizer)
-    BYTE_TOKEN_RE, CONTROL_TOKENS, DEFAULT_EMOJI, DEFAULT_VOCABULARY, EMOJI_TOKEN_RE,
-    NUM_BYTE_TOKENS, SPECIAL_TOKENS, ReferenceEncoder, TokenizerInputError, VocabularyError,
+    BYTE_TOKEN_RE, CONTROL_TOKENS, EMOJI_TOKEN_RE, NUM_BYTE_TOKENS, PROJECT_EMOJI,
+    PROJECT_VOCABULARY, SPECIAL_TOKENS, ReferenceEncoder, TokenizerInputError, VocabularyError,
     check_emoji_table, check_vocabulary, read_emoji_file, read_vocabulary_file, split_entry)
 
 

@@ -19,10 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import SWEEncoder  # noqa: E402
+from gptsan.tokenization import PROJECT_EMOJI, PROJECT_VOCABULARY, SWEEncoder  # noqa: E402
 
-VOCABULARY = os.path.join(ROOT, "ja-swe36k.txt")
-EMOJI = os.path.join(ROOT, "emoji.json")
 DEMO_MODEL = os.path.join("models", "demo")  # relative to ROOT: the path a user types
 SAMPLE_TEXTS = (
     "明日の天気は晴れ時々くもり、最高気温は２５度の予想です。",
@@ -40,8 +38,8 @@ def banner(title, command):
 
 
 def demo_tokenizer():
-    encoder = SWEEncoder.from_files(VOCABULARY, EMOJI)
-    banner("Tokenizer: the project's own ja-swe vocabulary",
+    encoder = SWEEncoder.from_files(PROJECT_VOCABULARY, PROJECT_EMOJI)
+    banner("Tokenizer: the project's own ja-swe36k vocabulary (not the published one)",
            "python -c \"from gptsan.tokenization import SWEEncoder; "
            "e = SWEEncoder.from_files('ja-swe36k.txt', 'emoji.json'); print(e.encode('...'))\"")
     print(f"vocabulary: {len(encoder)} entries")

@@ -78,7 +78,7 @@ def demo():
 
 def test_model_size_and_contents():
     files = os.listdir(MODEL_DIR)
-    for name in ("parameters.json", "checkpoint", "ja-swe36k.txt", "emoji.json", "README.md"):
+    for name in ("parameters.json", "checkpoint", "ja-swe8k-demo.txt", "emoji.json", "README.md"):
         assert name in files
     total = sum(os.path.getsize(os.path.join(MODEL_DIR, f)) for f in files)
     assert total <= MAX_MODEL_BYTES

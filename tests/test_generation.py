@@ -248,12 +248,14 @@ def write_tiny_vocabulary(directory):
 
 
 def make_tiny_model_dir(path, seed=0, edit=None, **overrides):
-    """A GPTSAN model directory with random weights and its own vocabulary copy.
+    """A GPTSAN model directory with random weights and its own vocabulary copy, recorded in
+    parameters.json as the project records it (gptsan.fingerprint).
 
     `edit(variables, model)` may change the {TF name: array} weights before they are written.
     """
     from gptsan import checkpoint as ck
     from gptsan.config import GPTSANConfig, ModelConfig
+    from gptsan.fingerprint import VocabularyFiles
 
     vocab_dir = os.path.join(os.path.dirname(path), os.path.basename(path) + "-vocab")
     os.makedirs(vocab_dir, exist_ok=True)
@@ -266,9 +268,11 @@ def make_tiny_model_dir(path, seed=0, edit=None, **overrides):
         variables[name] = (value + 1.0 if name.endswith("/g") else value).astype(np.float32)
     if edit is not None:
         edit(variables, model)
-    ck.write_tf_checkpoint(path, variables, GPTSANConfig(model=model), files={
-        ck.VOCAB_FILE: os.path.join(vocab_dir, ck.VOCAB_FILE),
-        ck.EMOJI_FILE: os.path.join(vocab_dir, ck.EMOJI_FILE)})
+    vocabulary = VocabularyFiles.of(os.path.join(vocab_dir, ck.VOCAB_FILE),
+                                    os.path.join(vocab_dir, ck.EMOJI_FILE))
+    record = vocabulary.record()
+    ck.write_tf_checkpoint(path, variables, GPTSANConfig(model=model, vocabulary=record),
+                           files=vocabulary.model_dir_files(record))
     return path
 
 
