@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from gptsan import fingerprint
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
-from gptsan.tokenization import (CONTROL_TOKENS, SWEEncoder, clean_text, read_emoji_file,
+from gptsan.tokenization import (CONTROL_TOKENS, SWEEncoder, read_emoji_file,
                                  read_vocabulary_file)
 
 END_OF_TEXT = CONTROL_TOKENS[-1]  # appended after every file, as published
@@ -32,7 +32,7 @@ DEFAULT_NUM_PROCESS = 8  # published default
 
 class SWEEncoder_ja(SWEEncoder):  # noqa: N801 (the published name)
     """The published encoder class: `SWEEncoder_ja(bpe_lines, emoji_dict)`, with its `bpe`
-    (forms per id) and `swe` (form -> id) attributes and `clean_text`."""
+    (forms per id) and `swe` (form -> id) attributes (and `clean_text`, as every SWEEncoder)."""
 
     def __init__(self, bpe, emoji):
         super().__init__(bpe, emoji)
@@ -44,9 +44,6 @@ class SWEEncoder_ja(SWEEncoder):  # noqa: N801 (the published name)
     @property
     def swe(self):
         return self.vocab
-
-    def clean_text(self, content):
-        return clean_text(content)
 
 
 def list_text_files(src):

@@ -1,7 +1,7 @@
-"""The SWE tokenizer: golden outputs of the published tokenizer, round trips, cleaning equal to
-the published regexes, linear time, vocabulary format checks."""
+"""The SWE tokenizer: golden outputs of the published tokenizer (for the definition
+`ReferenceEncoder` and the fast `SWEEncoder`), the fast parts equal to the definition on generated
+texts, round trips, linear time, vocabulary format checks."""
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -11,11 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptsan import tokenization
+from gptsan import tokenization_fast, tokenization_reference
 from gptsan.errors import GPTSANError
 from gptsan.tokenization import (CONTROL_TOKENS, NUM_BYTE_TOKENS, SPECIAL_TOKENS, SWEEncoder,
                                  TokenizerInputError, VocabularyError, check_emoji_table,
                                  check_vocabulary, clean_text, read_vocabulary_file)
+from gptsan.tokenization_reference import ReferenceEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
@@ -30,15 +31,6 @@ FAST_SETTINGS = settings(max_examples=150, deadline=None,
                          suppress_health_check=[HealthCheck.too_slow])
 
 
-def _load_baseline():
-    """The published algorithm, as re-implemented in scripts/bench_tokenizer.py."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_tokenizer", os.path.join(ROOT, "scripts", "bench_tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.PublishedBaseline
-
-
 @pytest.fixture(scope="module")
 def official():
     if not os.path.isfile(OFFICIAL_VOCAB):
@@ -47,24 +39,27 @@ def official():
 
 
 @pytest.fixture(scope="module")
-def baseline(official):
-    return _load_baseline()(read_vocabulary_file(OFFICIAL_VOCAB), official.emoji)
+def reference(official):
+    """The definition over the official vocabulary."""
+    return ReferenceEncoder(read_vocabulary_file(OFFICIAL_VOCAB), official.emoji)
 
 
 # ---------------------------------------------------------------------------------------------
 # Golden outputs of the published tokenizer
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["loop", "vector"])
-def scan_path(request, monkeypatch):
-    """Runs a test with the per-token loop, then with the array scan for every text length."""
+@pytest.fixture(params=["reference", "loop", "vector"])
+def encoder_class(request, monkeypatch):
+    """Runs a test with the definition, then with SWEEncoder's per-token loop, then with its
+    array scan for every text length."""
     if request.param == "vector":
-        monkeypatch.setattr(tokenization, "VECTOR_MIN_CHARS", 0)
-    return request.param
+        monkeypatch.setattr(tokenization_fast, "VECTOR_MIN_CHARS", 0)
+    return ReferenceEncoder if request.param == "reference" else SWEEncoder
 
 
 @needs_reference
-def test_every_golden_record(official, scan_path):
+def test_every_golden_record(official, reference, encoder_class):
+    encoder = reference if encoder_class is ReferenceEncoder else official
     with gzip.open(GOLDEN, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 541
@@ -75,11 +70,11 @@ def test_every_golden_record(official, scan_path):
             errors += 1
             for clean in (False, True):
                 with pytest.raises(TokenizerInputError, match="surrogate"):
-                    official.encode(text, clean=clean)
+                    encoder.encode(text, clean=clean)
             continue
-        assert official.encode(text) == record["ids"], text
-        assert official.encode(text, clean=True) == record["ids_clean"], text
-        assert official.decode(record["ids"]) == record["decoded"], text
+        assert encoder.encode(text) == record["ids"], text
+        assert encoder.encode(text, clean=True) == record["ids_clean"], text
+        assert encoder.decode(record["ids"]) == record["decoded"], text
     assert errors == 8
 
 
@@ -95,7 +90,7 @@ def test_published_examples_and_control_ids(official):
     assert official.encode("吾輩は猫である🐯。実は慶応(慶應)大学出身") == [
         35993, 35998, 34347, 31459, 30647, 31448, 25, 30659, 35729, 35676, 32417, 30647, 17750,
         35589, 17750, 35590, 321, 1281][2:]
-    assert official._replace_emoji.exact  # the one-scan emoji replacement applies
+    assert official._emoji_replacer.exact  # the one-scan emoji replacement applies
     assert official.token_to_id("<|endoftext|>") == official.eot
     assert official.token_to_id("ゐ") == 34692  # a form in two entries maps to the later one
     assert official.byte_id(0) == official.token_to_id("<|byte0|>") == n - 7 - NUM_BYTE_TOKENS
@@ -185,13 +180,13 @@ _CLEAN_ATOMS = ["1", "2", "0", "9", "１", "3", ",", ",000", "億", "万", "千"
 
 
 @needs_reference
-def test_cleaning_and_emoji_match_the_published_code(official, baseline):
+def test_cleaning_and_emoji_match_the_published_code(official, reference):
     @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.sampled_from(_CLEAN_ATOMS), max_size=12).map("".join))
     def check(text):
-        assert clean_text(text) == baseline.clean_text(text)
-        assert official.encode(text, clean=True) == baseline.encode(text, clean=True)
-        assert official.encode(text) == baseline.encode(text)
+        assert clean_text(text) == tokenization_reference.clean_text(text)
+        assert official.encode(text, clean=True) == reference.encode(text, clean=True)
+        assert official.encode(text) == reference.encode(text)
 
     check()
 
@@ -218,28 +213,53 @@ def _scan_atoms(encoder):
 @pytest.mark.parametrize("vocabulary", ["official", "project"])
 def test_array_scan_equals_the_loop_and_the_published_rule(vocabulary, monkeypatch):
     """The array scan (long texts) and the per-token loop (with the full tables, or the tables
-    without rare chars on texts without them) give the ids of the published algorithm (the
-    baseline of scripts/bench_tokenizer.py) on dense mixes of tricky pieces."""
+    without rare chars on texts without them) give the ids of the definition (ReferenceEncoder)
+    on dense mixes of tricky pieces."""
     paths = ((OFFICIAL_VOCAB, OFFICIAL_EMOJI) if vocabulary == "official"
              else (PROJECT_VOCAB, PROJECT_EMOJI))
     if not os.path.isfile(paths[0]):
         pytest.skip(f"{paths[0]} is not present on this machine")
     encoder = SWEEncoder.from_files(*paths)
-    baseline = _load_baseline()(read_vocabulary_file(paths[0]), encoder.emoji)
+    reference = ReferenceEncoder(read_vocabulary_file(paths[0]), encoder.emoji)
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(_scan_atoms(encoder), max_size=40).map("".join))
     def check(text):
-        expected = baseline.encode(text)
+        expected = reference.encode(text)
         for threshold in (0, 10 ** 9):  # the array scan, the per-token loop
-            monkeypatch.setattr(tokenization, "VECTOR_MIN_CHARS", threshold)
+            monkeypatch.setattr(tokenization_fast, "VECTOR_MIN_CHARS", threshold)
             assert encoder.encode(text) == expected
-        loop = encoder._scan(text)
-        assert encoder._vector_scanner.scan(text) == loop
-        if encoder._rare_re.search(text) is None:
-            assert encoder._scan(text, hot=True) == loop
+        scanner = encoder._scanner
+        loop = scanner.loop(text)
+        assert scanner.vector.scan(text) == loop
+        if scanner.rare_re.search(text) is None:
+            assert scanner.loop(text, hot=True) == loop
 
     check()
+
+
+def _overlaps_a_token(table):
+    """Whether some emoji surface lies inside a class token or holds one, or starts with a
+    token's tail or ends with a token's head (by brute force)."""
+    return any(surface in token or token in surface
+               or any(surface.startswith(token[k:]) or surface.endswith(token[:k])
+                      for k in range(1, len(token)))
+               for surface in table for token in table.values())
+
+
+_EMOJI_PIECES = st.text(alphabet="<|e1>ab", min_size=1, max_size=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_EMOJI_PIECES, st.sampled_from(["<|e1|>", "<|e2|>", "b<", "a"]),
+                       max_size=5),
+       st.text(alphabet="<|e1>abc", max_size=30))
+def test_emoji_replacer_equals_the_table_loop(table, text):
+    """The one-scan replacement (or its fallback when a surface overlaps a class token) gives
+    the text of the plain loop over the table."""
+    replacer = tokenization_fast.EmojiReplacer(table)
+    assert replacer.exact == (not _overlaps_a_token(table))
+    assert replacer(text) == tokenization_reference.replace_emoji(text, table)
 
 
 _PRICE_ATOMS = ["0", "1", "5", "9", "１", "٣", ",", ",000", ",12", "億", "万", "千", "千万", "円", "ドル",
@@ -249,15 +269,17 @@ _DATE_ATOMS = ["0", "1", "2", "3", "9", "12", "2020", "１", "/", "-", "年", "�
 
 
 @pytest.mark.parametrize("stage, short_limit, atoms, pattern, placeholder", [
-    ("_sub_price", "_PRICE_SHORT_PREFIX", _PRICE_ATOMS, tokenization._PRICE_PATTERN, "<PRICE>"),
-    ("_sub_western_date", "_DATE_SHORT_RUN", _DATE_ATOMS, tokenization._DATE_PATTERN, "<DATE>"),
+    ("_sub_price", "_PRICE_SHORT_PREFIX", _PRICE_ATOMS, tokenization_reference.PRICE_PATTERN,
+     "<PRICE>"),
+    ("_sub_western_date", "_DATE_SHORT_RUN", _DATE_ATOMS, tokenization_reference.DATE_PATTERN,
+     "<DATE>"),
 ])
 def test_linear_stages_match_the_published_regex(monkeypatch, stage, short_limit, atoms, pattern,
                                                  placeholder):
     """The linear procedures (used beyond the short-run limits, where `re` would blow up)
     give the matches of the published pattern; and so does the short-run path."""
     published = re.compile(pattern)
-    substitute = getattr(tokenization, stage)
+    substitute = getattr(tokenization_fast, stage)
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.sampled_from(atoms), max_size=10).map("".join))
@@ -265,19 +287,21 @@ def test_linear_stages_match_the_published_regex(monkeypatch, stage, short_limit
         assert substitute(text) == published.sub(placeholder, text)
 
     check()
-    monkeypatch.setattr(tokenization, short_limit, -1)
+    monkeypatch.setattr(tokenization_fast, short_limit, -1)
     check()
 
 
-def test_cleaning_keeps_published_corner_cases():
-    """Outputs of the published regexes (checked with scripts/bench_tokenizer.py's baseline)."""
-    assert clean_text("a@b.c1@x") == "<EMAIL><EMAIL>"
-    assert clean_text("9月16日12時") == "<DATE>時"  # `\d{1,2}` is tried before `\d{1,2}時`
-    assert clean_text("2022/9/1612時30分") == "<DATE>時30分"
-    assert clean_text("1,000円(税込)と千円と円") == "<PRICE>と<PRICE>と<PRICE>"
-    assert clean_text("5億3000万円(税抜)") == clean_text("1１1１円") == "<PRICE>"
-    assert clean_text("──▀<BLOCK>x") == "<BLOCK>x"
-    assert clean_text("03-1234-5678, (03)1234-5678") == "<TEL>, <TEL>"
+@pytest.mark.parametrize("clean", [clean_text, tokenization_reference.clean_text],
+                         ids=["fast", "reference"])
+def test_cleaning_keeps_published_corner_cases(clean):
+    """Outputs of the published regexes."""
+    assert clean("a@b.c1@x") == "<EMAIL><EMAIL>"
+    assert clean("9月16日12時") == "<DATE>時"  # `\d{1,2}` is tried before `\d{1,2}時`
+    assert clean("2022/9/1612時30分") == "<DATE>時30分"
+    assert clean("1,000円(税込)と千円と円") == "<PRICE>と<PRICE>と<PRICE>"
+    assert clean("5億3000万円(税抜)") == clean("1１1１円") == "<PRICE>"
+    assert clean("──▀<BLOCK>x") == "<BLOCK>x"
+    assert clean("03-1234-5678, (03)1234-5678") == "<TEL>, <TEL>"
 
 
 ADVERSARIAL = {
@@ -323,8 +347,8 @@ def make_vocab(ordinary, emoji_classes=1):
 TINY_EMOJI = {"emoji": {"😀": "<|emoji1|>", "😀😀": "<|emoji1|>"}, "emoji_inv": {"<|emoji1|>": "😀"}}
 
 
-def test_min_id_rule_and_decode_on_a_tiny_vocabulary(scan_path):
-    enc = SWEEncoder(make_vocab(["b", "abc", "ab", "a", "中国,中國", "x,xy"]), TINY_EMOJI)
+def test_min_id_rule_and_decode_on_a_tiny_vocabulary(encoder_class):
+    enc = encoder_class(make_vocab(["b", "abc", "ab", "a", "中国,中國", "x,xy"]), TINY_EMOJI)
     # smallest id wins, not the longest: "b" (0) < "abc" (1) but "abc" does not start at "b"
     assert enc.encode("abc") == [1]
     assert enc.encode("ab") == [2]
@@ -403,8 +427,8 @@ def test_bad_files_give_one_line_errors(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_lone_surrogate_is_a_clear_value_error():
-    enc = SWEEncoder(make_vocab(["a"]), TINY_EMOJI)
+def test_lone_surrogate_is_a_clear_value_error(encoder_class):
+    enc = encoder_class(make_vocab(["a"]), TINY_EMOJI)
     with pytest.raises(ValueError, match="lone surrogate U\\+D800"):
         enc.encode("a\ud800")
     with pytest.raises(TokenizerInputError, match="expects str"):
