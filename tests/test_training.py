@@ -486,6 +486,10 @@ def test_spout_vectors_follow_the_published_meanings():
         at0, at1 = sess.run(tensors, {step: 0}), sess.run(tensors, {step: 1})
     np.testing.assert_array_equal(at0["onehot"], np.eye(6)[[0, 3, 1, 3]])  # id mod 6
     np.testing.assert_array_equal(at0["half_onehot"][:, :3], np.eye(3)[[0, 0, 1, 0]])
+    with tf.Session() as sess:  # truncatemod, as published: a negative id has no one-hot
+        negative = sess.run([spout_vectors(k, tf.constant([[-1], [-7]], tf.int64), 6, step)
+                             for k in ("onehot", "half_onehot")], {step: 0})
+    assert not negative[0].any() and not negative[1][:, :3].any()
     for kind in kinds:
         assert at0[kind].shape == (4, 6) and np.all((at0[kind] >= 0) & (at0[kind] <= 1))
     # stateless_uniform: a fixed vector per class id; uniform: fresh noise every step
