@@ -4,7 +4,7 @@ Everything here works on mtf tensors and variables of one mesh; the learning rat
 computed from the global step (so a resumed run continues the same schedule).
 
 Defaults are those of the published optimization.py (tanreinama/GPTSAN at HEAD); each
-departure is an opt-in `train_params` key or run_train.py flag:
+departure is an opt-in `train_params` key or run_train.py flag (named in parentheses):
 * AdamW (beta 0.9/0.999, eps 1e-8) WITHOUT bias correction (`adam_bias_correction`), decay
   rate 0.01 (`weight_decay`) on every variable whose name does not match
   "LayerNorm|layer_norm|bias" (`no_decay_pattern`; with our names only the dense biases
@@ -164,8 +164,8 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
 
 
 def bias_corrections(global_step, beta1=ADAM_BETA1, beta2=ADAM_BETA2):
-    """TF float32 scalars 1 - beta^t for update t = global_step + 1 (expm1: exact for small t,
-    where 1 - exp(t log beta) loses half of the float32 digits)."""
+    """TF float32 scalars 1 - beta^t for update t = global_step + 1 (expm1 keeps full float32
+    precision for small t, where 1 - exp(t log beta) loses about half of the digits)."""
     step = tf.cast(global_step, tf.float32) + 1.0
     return [-tf.math.expm1(step * math.log(beta)) for beta in (beta1, beta2)]
 
