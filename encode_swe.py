@@ -6,7 +6,7 @@ the arrays are int64 as published (`--dtype int32` halves the file).
 `SWEEncoder_ja(bpe_lines, emoji_dict)` stays available for old scripts.
 
     python encode_swe.py --src_dir DIR_OR_GLOB --dst_file corpus.npz [--clean_text]
-        [--vocabulary ja-swe36k.txt --emoji emoji.json] [--num_process 8] [--combine 50000]
+        --vocabulary ja-swe36k.txt [--emoji emoji.json] [--num_process 8] [--combine 50000]
         [--dtype int64]
 
 Differences from the published script: files are read in sorted path order (the output does
@@ -23,9 +23,10 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
+from gptsan import fingerprint
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
-from gptsan.tokenization import (CONTROL_TOKENS, DEFAULT_EMOJI, DEFAULT_VOCABULARY, SWEEncoder,
-                                 clean_text, read_emoji_file, read_vocabulary_file)
+from gptsan.tokenization import (CONTROL_TOKENS, SWEEncoder, clean_text, read_emoji_file,
+                                 read_vocabulary_file)
 
 END_OF_TEXT = CONTROL_TOKENS[-1]  # appended after every file, as published
 DEFAULT_COMBINE = 50000  # published default: minimum characters per array
@@ -163,8 +164,11 @@ def main(argv=None):
                         help="directory of .txt files (recursive) or a glob")
     parser.add_argument("--dst_file", required=True,
                         help="output .npz (the suffix is added if missing)")
-    parser.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, help="ja-swe vocabulary file")
-    parser.add_argument("--emoji", default=DEFAULT_EMOJI, help="emoji table of the vocabulary")
+    parser.add_argument("--vocabulary", default=None,
+                        help="ja-swe vocabulary file (no default: the project's ja-swe36k.txt "
+                             "and the published one share the name)")
+    parser.add_argument("--emoji", default=None,
+                        help="emoji table of the vocabulary (default: emoji.json next to it)")
     parser.add_argument("--num_process", type=int, default=DEFAULT_NUM_PROCESS,
                         help="worker processes")
     parser.add_argument("--combine", type=int, default=DEFAULT_COMBINE,
@@ -186,13 +190,11 @@ def main(argv=None):
         raise GPTSANError(f"{dst} exists (pass --force to overwrite)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
         raise GPTSANError(f"the folder of --dst_file {dst} does not exist")
-    for path, flag in ((args.vocabulary, "--vocabulary"), (args.emoji, "--emoji")):
-        if not os.path.isfile(path):
-            raise GPTSANError(f"{flag} {path} not found (build the project vocabulary with "
-                              f"`make vocab`, or pass {flag})")
+    vocab = fingerprint.data_tool_files(args.vocabulary, args.emoji)
     paths = list_text_files(args.src_dir)
-    vocab_lines, emoji = read_vocabulary_file(args.vocabulary), read_emoji_file(args.emoji)
+    vocab_lines, emoji = read_vocabulary_file(vocab.vocab), read_emoji_file(vocab.emoji)
     encoder = SWEEncoder(vocab_lines, emoji)  # fails fast on a bad vocabulary
+    fingerprint.announce(vocab)
 
     def report_skip(path, reason):
         tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)

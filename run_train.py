@@ -10,14 +10,11 @@ optimizer state and input position). Fine-tuning after scripts/add_layers.py:
         --input_files ... --model_dir FINETUNED_DIR
 """
 import dataclasses
-import os
 import sys
 
 from gptsan import fileio
 from gptsan.config import PUBLISHED_CLIP_NORM
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv):
@@ -50,7 +47,8 @@ def parse_args(argv):
                         help="e.g. batch:2,model:2 (default batch:1,model:num_pallarelizm)")
     parser.add_argument("--vocabulary", default="",
                         help="ja-swe vocabulary copied into the model dir (default: the model "
-                             "dir's, the init checkpoint's, or the project's ja-swe36k.txt)")
+                             "dir's, the init checkpoint's, or the one the TFRecords were made "
+                             "with; it must match all of them)")
     parser.add_argument("--emoji", default="", help="emoji table (default: next to --vocabulary)")
     parser.add_argument("--init_checkpoint", default="",
                         help="model directory or checkpoint to start a new run from")
@@ -102,29 +100,10 @@ def load_config(args):
         sets_vocabulary
 
 
-def find_vocabulary(args, model_dir):
-    from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
-
-    if args.vocabulary:
-        vocab = args.vocabulary
-    else:
-        places = [model_dir, args.init_checkpoint if fileio.isdir(args.init_checkpoint or "")
-                  else "", ROOT]
-        found = [fileio.join(p, VOCAB_FILE) for p in places
-                 if p and fileio.isfile(fileio.join(p, VOCAB_FILE))]
-        if not found:
-            raise GPTSANError("no vocabulary found: pass --vocabulary (ja-swe36k.txt)")
-        vocab = found[0]
-    emoji = args.emoji or fileio.join(fileio.dirname(vocab), EMOJI_FILE)
-    if args.emoji and not fileio.isfile(emoji):
-        raise GPTSANError(f"emoji file not found: {emoji}")
-    return vocab, emoji if fileio.isfile(emoji) else None
-
-
 def main(argv=None):
     args = parse_args(argv)
     config, sets_vocabulary = load_config(args)
-    from gptsan import estimator, mesh as mesh_lib, optimization  # TF loads here
+    from gptsan import estimator, fingerprint, mesh as mesh_lib, optimization  # TF loads here
 
     model, train = config.model, config.train
     model_dir = train.output_dir
@@ -146,17 +125,23 @@ def main(argv=None):
         raise GPTSANError("--dynamic_loss_scale needs --use_mixed_precision and --optimizer adam")
     if args.clip_norm <= 0:
         raise GPTSANError(f"--clip_norm must be > 0, got {args.clip_norm}")
-    vocab, emoji = find_vocabulary(args, model_dir)
+    record_files = estimator.find_input_files(args.input_files)
+    estimator.check_records(record_files, model.num_contexts)  # the data's own errors first
+    vocab, record = fingerprint.training_vocabulary(
+        config, args.vocabulary, args.emoji, model_dir, args.init_checkpoint, record_files,
+        args.parameter_file)
+    fingerprint.announce(vocab)
+    config = dataclasses.replace(config, vocabulary=record)
     if not sets_vocabulary:  # as published: the vocabulary file gives num_vocabulary
-        model = dataclasses.replace(model, num_vocabulary=estimator.vocabulary_size(vocab))
+        model = dataclasses.replace(model, num_vocabulary=estimator.vocabulary_size(vocab.vocab))
         config = dataclasses.replace(config, model=model)
     ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
               if args.ignore_parameters else [])
     files, init_checkpoint = estimator.check_training_inputs(
-        config, args.input_files, vocab, ignore, args.init_checkpoint, dtype,
+        config, args.input_files, vocab.vocab, ignore, args.init_checkpoint, dtype,
         dynamic_loss_scale=args.dynamic_loss_scale)
 
-    estimator.write_model_dir(config, vocab, emoji)
+    estimator.write_model_dir(config, vocab.vocab, vocab.emoji)
     from gptsan.records import input_fn_builder
 
     setup = estimator.TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,

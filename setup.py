@@ -1,7 +1,8 @@
 """GPTSAN: a general-purpose Japanese language model on a Switch Transformer (Mesh-TensorFlow)."""
 from setuptools import find_packages, setup
 
-# Pinned stack (DESIGN.md "Stack"): TF 2.15.1 is the last release with tf.estimator/TPUEstimator.
+# Pinned stack (docs/ARCHITECTURE.md "Stack"): TF 2.15.1 is the last release with
+# tf.estimator/TPUEstimator.
 INSTALL_REQUIRES = [
     "tensorflow-cpu==2.15.1; platform_machine == 'x86_64'",
     "tensorflow==2.15.1; platform_machine != 'x86_64'",

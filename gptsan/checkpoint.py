@@ -1,8 +1,9 @@
 """Checkpoint formats: GPTSAN model directories (TF checkpoint) and the HF transformers port.
 
 A GPTSAN model directory holds `parameters.json`, a TF checkpoint (`checkpoint` index +
-`model.ckpt-<step>.*`) whose variables carry the TF names of DESIGN.md ("Model"), and copies of
-the vocabulary and emoji table. The HF format is a transformers 4.40.2
+`model.ckpt-<step>.*`) whose variables carry the TF names of docs/ARCHITECTURE.md
+"Checkpoint names", and copies of the vocabulary and emoji table (named and fingerprinted in
+parameters.json: gptsan/fingerprint.py). The HF format is a transformers 4.40.2
 `GPTSanJapaneseForConditionalGeneration` directory (`config.json` + `model.safetensors`).
 
 The name/layout mapping between the two is data (`_LAYER_MAP` ...); both directions and the
@@ -27,12 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from gptsan.config import PARAMETERS_FILE, SPOUT_DEPTH, GPTSANConfig, ModelConfig, TrainConfig
+from gptsan.config import EMOJI_FILE, VOCAB_FILE  # noqa: F401 (published names of the copies)
 from gptsan.errors import GPTSANError
 from gptsan import fileio
-from gptsan.fileio import read_json
-
-VOCAB_FILE = "ja-swe36k.txt"  # vocabulary copy inside a model directory (DESIGN.md)
-EMOJI_FILE = "emoji.json"  # emoji table copy inside a model directory (DESIGN.md)
+from gptsan import fingerprint
 IGNORE_PARAMS_FILE = "ignore-params.json"  # published name: variables frozen when fine-tuning
 CHECKPOINT_BASENAME = "model.ckpt"  # checkpoint prefix, as tf.estimator writes it
 MODEL_VARIABLE_PREFIXES = ("model/", "pasts/")  # model weights (vs optimizer slots, global_step)
@@ -48,7 +47,7 @@ HF_MODEL_TYPE = "gptsan-japanese"
 HF_ARCHITECTURE = "GPTSanJapaneseForConditionalGeneration"
 HF_TIED_HEAD = "lm_head.weight"  # tied to model.embed_tokens.weight; save_pretrained omits it
 HF_MISSPELLED_SPOUT = "model.sqout."  # the published HF conversion script's typo for model.spout.
-HF_LAYER_NORM_EPSILON = 1e-5  # both implementations (FORWARD.md)
+HF_LAYER_NORM_EPSILON = 1e-5  # both implementations (docs/ARCHITECTURE.md "Forward pass")
 # HF special-token ids, counted from the end of the vocabulary like the ja-swe control tokens:
 # separator_token_id = SEG (n-2), pad_token_id = SEP (n-5), eos_token_id = EOT (n-1).
 HF_SEPARATOR_FROM_END, HF_PAD_FROM_END, HF_EOS_FROM_END = 2, 5, 1
@@ -105,7 +104,8 @@ _TF_NAME_PATTERN = re.compile(
 
 
 def expected_variable_shapes(model):
-    """{TF name: shape} of every checkpoint variable of a model (the DESIGN.md table as code)."""
+    """{TF name: shape} of every checkpoint variable of a model (docs/ARCHITECTURE.md
+    "Checkpoint names" as code)."""
     return {tf_name: shape for tf_name, _, _, shape in _mapping(model)}
 
 
@@ -422,7 +422,8 @@ def read_tf_checkpoint(path, progress=False):
     """{name: np.ndarray} of the model variables (TF names) in a checkpoint.
 
     `path` is a model directory or a checkpoint prefix. Optimizer slots (`*/adam_m`,
-    `*/slot_*`, ...), `global_step` and anything else not in the DESIGN.md table are skipped.
+    `*/slot_*`, ...), `global_step` and anything else not in the docs/ARCHITECTURE.md
+    "Checkpoint names" table are skipped.
     Floating variables are returned as float32 (bfloat16 masters are widened exactly).
     """
     from gptsan.compat import tf
@@ -494,13 +495,18 @@ def write_tf_checkpoint(model_dir, variables, config, step=0, force=False, progr
     with _atomic_output_dir(model_dir, force) as tmp:
         _save_variables(tmp, variables, step, progress)
         config.to_json_file(os.path.join(tmp, PARAMETERS_FILE))
-        for name, content in (files or {}).items():
-            target = os.path.join(tmp, name)
-            if isinstance(content, bytes):
-                with open(target, "wb") as f:
-                    f.write(content)
-            else:
-                shutil.copyfile(content, target)
+        _write_files(tmp, files or {})
+
+
+def _write_files(directory, files):
+    """Writes {name: bytes or source path} into `directory`."""
+    for name, content in files.items():
+        target = os.path.join(directory, name)
+        if isinstance(content, bytes):
+            with open(target, "wb") as f:
+                f.write(content)
+        else:
+            shutil.copyfile(content, target)
 
 
 def _as_gptsan_config(config):
@@ -709,9 +715,8 @@ def convert_hf_to_gptsan(hf_dir, model_dir, vocab=None, emoji=None, force=False,
     _check_declared(model, {field: hf_config[key] for key, field in _HF_CONFIG_FIELDS.items()
                             if key in hf_config and _is_shape_relevant(model, field)},
                     os.path.join(hf_dir, HF_CONFIG_FILE), lambda f: _hf_key(f))
-    config = GPTSANConfig(model=model, train=train_config or TrainConfig())
-    files = _tokenizer_files(model, vocab or _existing(hf_dir, HF_VOCAB_FILE),
-                             emoji or _existing(hf_dir, HF_EMOJI_FILE))
+    record, files = _hf_vocabulary(model, hf_dir, hf_config, vocab, emoji)
+    config = GPTSANConfig(model=model, train=train_config or TrainConfig(), vocabulary=record)
     write_tf_checkpoint(model_dir, tf_vars, config, force=force, progress=progress, files=files)
     return config
 
@@ -720,27 +725,20 @@ def _hf_key(field):
     return next(k for k, f in _HF_CONFIG_FIELDS.items() if f == field)
 
 
-def _existing(directory, name):
-    path = os.path.join(directory, name)
-    return path if os.path.isfile(path) else None
-
-
-def _tokenizer_files(model, vocab, emoji):
-    """{name in model dir: source path} for the vocabulary and emoji table, validated."""
-    files = {}
-    if vocab:
-        if not os.path.isfile(vocab):
-            raise GPTSANError(f"vocabulary file not found: {vocab}")
-        with open(vocab, encoding="utf-8") as f:
-            entries = len(f.read().split("\n"))
-        model.validate_vocabulary(entries, source=vocab)
-        files[VOCAB_FILE] = vocab
-    if emoji:
-        table = read_json(emoji, "emoji file")
-        if not isinstance(table, dict) or "emoji" not in table:
-            raise GPTSANError(f"{emoji} is not an emoji table (no 'emoji' key)")
-        files[EMOJI_FILE] = emoji
-    return files
+def _hf_vocabulary(model, hf_dir, hf_config, vocab, emoji):
+    """(record, {name: content}) of the vocabulary an HF directory goes with: `vocab`/`emoji` or
+    its vocab.txt/emoji.json, checked against the record in its config.json (gptsan.fingerprint).
+    (None, {}) when there is none: the model directory gets the weights only."""
+    config_path = os.path.join(hf_dir, HF_CONFIG_FILE)
+    record = fingerprint.hf_record(hf_config, config_path)
+    files = fingerprint.resolve(hf_dir, record, os.path.join(hf_dir, HF_VOCAB_FILE),
+                                os.path.join(hf_dir, HF_EMOJI_FILE), vocab, emoji, required=False,
+                                model=model, owner=config_path)
+    if files is None:
+        return None, {}
+    fingerprint.announce(files)
+    record = files.record(name=record.vocab_name if record else None)
+    return record, files.model_dir_files(record)
 
 
 def convert_gptsan_to_hf(model_dir, hf_dir, force=False, progress=False):
@@ -750,19 +748,35 @@ def convert_gptsan_to_hf(model_dir, hf_dir, force=False, progress=False):
     _check_distinct(model_dir, hf_dir)
     check_output_dir(os.path.abspath(hf_dir), force)
     safetensors_numpy = _import_safetensors()
-    variables, config = read_model_dir(model_dir, progress=progress)
+    variables, config, vocab = _read_source(model_dir, progress)
+    hf_config, files = hf_config_dict(config.model), {}
+    if vocab is not None:  # config.json records the vocabulary too (HF ignores the key)
+        record = dataclasses.replace(vocab.record(keep=config.vocabulary),
+                                     vocab_file=HF_VOCAB_FILE, emoji_file=HF_EMOJI_FILE)
+        hf_config[fingerprint.HF_RECORD_KEY] = dataclasses.asdict(record)
+        files = vocab.model_dir_files(record)
     hf_state = tf_to_hf_variables(variables, config.model)
     with _atomic_output_dir(hf_dir, force) as tmp:
         # metadata "format": "pt" is what transformers' from_pretrained requires.
         safetensors_numpy.save_file(hf_state, os.path.join(tmp, HF_SAFETENSORS_FILE),
                                     metadata={"format": "pt"})
         with open(os.path.join(tmp, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(hf_config_dict(config.model), f, indent=2)
+            json.dump(hf_config, f, indent=2, ensure_ascii=False)
             f.write("\n")
-        for ours, theirs in ((VOCAB_FILE, HF_VOCAB_FILE), (EMOJI_FILE, HF_EMOJI_FILE)):
-            if os.path.isfile(os.path.join(model_dir, ours)):
-                shutil.copyfile(os.path.join(model_dir, ours), os.path.join(tmp, theirs))
+        _write_files(tmp, files)
     return config
+
+
+def _read_source(model_dir, progress):
+    """(variables, config, checked vocabulary or None) of a source model directory. With a
+    parameters.json the vocabulary is checked before the weights are read (fails fast)."""
+    named = os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE))
+    vocab = fingerprint.model_vocabulary(model_dir, required=False) if named else None
+    variables, config = read_model_dir(model_dir, progress=progress)
+    if not named:  # a bare checkpoint: its config comes from the weights
+        vocab = fingerprint.model_vocabulary(model_dir, config, required=False)
+    fingerprint.announce(vocab)
+    return variables, config, vocab
 
 
 def detect_format(directory):
@@ -839,15 +853,16 @@ def add_layers_to_model_dir(src, dst, num_new, seed=0, force=False, progress=Fal
     """
     _check_distinct(src, dst)
     check_output_dir(os.path.abspath(dst), force)
-    variables, config = read_model_dir(src, progress=progress)
+    variables, config, vocab = _read_source(src, progress)
     new_vars, new_model, frozen = add_extra_layers(variables, config.model, num_new, seed)
     train = config.train
     if train.output_dir:  # never keep training into the source directory
         train = dataclasses.replace(train, output_dir=os.path.abspath(dst))
     files = {IGNORE_PARAMS_FILE: (json.dumps(frozen, indent=1) + "\n").encode("utf-8")}
-    for name in (VOCAB_FILE, EMOJI_FILE):
-        if os.path.isfile(os.path.join(src, name)):
-            files[name] = os.path.join(src, name)
-    new_config = GPTSANConfig(model=new_model, train=train)
+    record = None
+    if vocab is not None:
+        record = vocab.record(keep=config.vocabulary)
+        files.update(vocab.model_dir_files(record))
+    new_config = GPTSANConfig(model=new_model, train=train, vocabulary=record)
     write_tf_checkpoint(dst, new_vars, new_config, force=force, progress=progress, files=files)
     return new_config

@@ -5,17 +5,24 @@ The JSON keeps the published layout and key names:
                       num_experts, num_spout, num_vocabulary, num_pallarelizm, train_mode,
                       num_moe_hidden, num_ext_hidden},
      "train_params": {output_dir, batch_size, base_lr, num_warmup_steps, max_to_keep_save,
-                      checkpoint_per_hours, checkpoint_per_steps, ...}}
+                      checkpoint_per_hours, checkpoint_per_steps, ...},
+     "vocabulary_params": {vocab_file, emoji_file, vocab_sha256, emoji_sha256, vocab_name}}
+The last section is new (published directories have none): which vocabulary goes with the model,
+see gptsan/fingerprint.py.
 """
 import dataclasses
 import json
 import re
+from typing import Optional
 
 from gptsan.errors import GPTSANError
 from gptsan import fileio
 from gptsan.fileio import read_json, write_text_atomic
 
 PARAMETERS_FILE = "parameters.json"  # the config file inside a model directory
+VOCAB_FILE = "ja-swe36k.txt"  # published name of the vocabulary copy inside a model directory
+EMOJI_FILE = "emoji.json"  # published name of the emoji table copy inside a model directory
+VOCABULARY_SECTION = "vocabulary_params"  # new parameters.json section (VocabularyParams)
 MOE_HIDDEN_FACTOR = 8  # published code hard-codes the expert width as 8 * num_hidden
 EXT_HIDDEN_FACTOR = 4  # published code hard-codes the extra-layer width as 4 * num_hidden
 TRAIN_MODES = ("lm", "mlm", "hybrid")
@@ -119,20 +126,46 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class VocabularyParams:
+    """The vocabulary a model directory goes with; the project records it whenever it writes a
+    directory. What the fingerprints cover: gptsan/fingerprint.py."""
+    vocab_file: str = VOCAB_FILE  # name of the vocabulary copy in the model directory
+    emoji_file: str = EMOJI_FILE  # name of the emoji table copy in the model directory
+    vocab_sha256: str = ""  # fingerprint of the vocabulary
+    emoji_sha256: str = ""  # fingerprint of the emoji table
+    vocab_name: str = ""  # which vocabulary this is, for people
+
+    def __post_init__(self):
+        for name in ("vocab_file", "emoji_file"):
+            value = getattr(self, name)
+            _require(value not in ("", ".", "..") and not re.search(r"[/\\]", value),
+                     f"{VOCABULARY_SECTION}.{name} must be a file name inside the model "
+                     f"directory, got {value!r}")
+        for name in ("vocab_sha256", "emoji_sha256"):
+            _require(re.fullmatch(r"[0-9a-f]{64}", getattr(self, name)) is not None,
+                     f"{VOCABULARY_SECTION}.{name} must be a SHA-256 hex digest, "
+                     f"got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
 class GPTSANConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    vocabulary: Optional[VocabularyParams] = None  # None: not recorded (published directories)
 
     @classmethod
     def from_dict(cls, data, source="config"):
         if not isinstance(data, dict) or "model_params" not in data:
             raise GPTSANError(f"{source}: expected a JSON object with 'model_params' "
                               "(and optionally 'train_params')")
-        unknown = set(data) - {"model_params", "train_params"}
+        unknown = set(data) - {"model_params", "train_params", VOCABULARY_SECTION}
         _require(not unknown, f"{source}: unknown section(s) {sorted(unknown)}; "
-                 "expected model_params and train_params")
+                 f"expected model_params, train_params and {VOCABULARY_SECTION}")
+        vocabulary = data.get(VOCABULARY_SECTION)
         return cls(model=_build(ModelConfig, data["model_params"], source, "model_params"),
-                   train=_build(TrainConfig, data.get("train_params", {}), source, "train_params"))
+                   train=_build(TrainConfig, data.get("train_params", {}), source, "train_params"),
+                   vocabulary=None if vocabulary is None else
+                   _build(VocabularyParams, vocabulary, source, VOCABULARY_SECTION))
 
     @classmethod
     def from_json_file(cls, path):
@@ -142,8 +175,11 @@ class GPTSANConfig:
         return cls.from_dict(read_json(path, "config file"), source=path)
 
     def to_dict(self):
-        return {"model_params": dataclasses.asdict(self.model),
+        data = {"model_params": dataclasses.asdict(self.model),
                 "train_params": dataclasses.asdict(self.train)}
+        if self.vocabulary is not None:
+            data[VOCABULARY_SECTION] = dataclasses.asdict(self.vocabulary)
+        return data
 
     def to_json_file(self, path):
         """Writes atomically (temp file + rename): never leaves a partial file."""

@@ -1,6 +1,6 @@
 """Training examples from text: token sequences -> (x, y, i, num_input) rows (NumPy, seeded).
 
-One example (length `num_context`, DESIGN.md "Training data"):
+One example (length `num_context`, docs/ARCHITECTURE.md "Training data"):
 
     x: SOT [next-sentence ... SEP] [prefix ...] SEG [LM tokens ...] [EOT] NOT NOT ...
     y: -1 where there is no loss; LM positions hold the NEXT real token; a masked prefix token's
@@ -65,7 +65,7 @@ class SpecialTokens:
     not_token: int
     bag: int
     seg: int
-    eot: int  # the last id of the vocabulary (DESIGN.md)
+    eot: int  # the last id of the vocabulary (docs/ARCHITECTURE.md "Vocabulary files")
     nl: Optional[int]  # <BR>: appended after every line (None: a synthetic vocabulary without)
     dots: frozenset  # fed as SEP in the LM part
     last_token: int  # published LAST_TOKEN = id(<|byte0|>) - 1: BAG only for ids <= it,
@@ -84,7 +84,8 @@ class SpecialTokens:
     @classmethod
     def from_vocab_size(cls, vocab_size, dots=(), nl=None):
         """A vocabulary known only by its size: the 7 control ids are its last ids, the 255
-        byte tokens precede them (DESIGN.md); `dots`/`nl` as given (tests, benchmarks)."""
+        byte tokens precede them (docs/ARCHITECTURE.md "Vocabulary files"); `dots`/`nl` as given
+        (tests, benchmarks)."""
         sot = vocab_size - len(CONTROL_TOKENS)
         return cls(sot, sot + 1, sot + 2, sot + 3, sot + 4, sot + 5, sot + 6, nl,
                    frozenset(int(t) for t in dots), sot - NUM_BYTE_TOKENS - 1)

@@ -18,9 +18,10 @@ from google.protobuf import message
 from tqdm import tqdm
 
 from gptsan import fileio
+from gptsan import fingerprint
 from gptsan import mesh as mesh_lib
 from gptsan import optimization
-from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE, expected_variable_shapes, find_checkpoint
+from gptsan.checkpoint import expected_variable_shapes, find_checkpoint
 from gptsan.compat import mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
@@ -29,7 +30,8 @@ from gptsan.spout import SPOUT_VECTORS, spout_vectors  # noqa: F401 (re-exported
 
 Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
 LOSS_DENOMINATOR_EPSILON = 1e-5  # published: sum(mask * loss) / (sum(mask) + 1e-5)
-AUX_LOSS_WEIGHT = 1e-2  # FORWARD.md §3.6: loss += 1e-2 * sum over Switch layers of load balance
+# published: loss += 1e-2 * the Switch load-balancing losses (docs/ARCHITECTURE.md "Training loss")
+AUX_LOSS_WEIGHT = 1e-2
 TPU_ITERATIONS_PER_LOOP = 100  # published TPUConfig(iterations_per_loop=100)
 LOSS_COLLECTION = "gptsan_train_loss"  # hooks find the reported loss tensor here
 OBJECTIVE_COLLECTION = "gptsan_train_objective"  # ... and the optimized total (NaN check)
@@ -226,7 +228,7 @@ def model_fn_builder(setup):
             saver_hook = tf.train.CheckpointSaverHook(
                 setup.model_dir, save_steps=setup.config.train.checkpoint_per_steps, saver=saver,
                 listeners=[mtf.MtfCheckpointSaverListener(lowering)])
-        # MtfRestoreHook must come before the saver hook (DESIGN.md "Stack facts").
+        # MtfRestoreHook must come before the saver hook (docs/ARCHITECTURE.md "Stack facts").
         hooks = [restore_hook, saver_hook]
         if setup.use_tpu:
             return tf.estimator.tpu.TPUEstimatorSpec(mode, loss=tf_loss, train_op=train_op,
@@ -449,7 +451,8 @@ def find_input_files(patterns):
     files = set()
     for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
         # tf.io.gfile also globs gs:// buckets (TPU training data)
-        files.update(p for p in fileio.glob(pattern) if not fileio.isdir(p))
+        files.update(p for p in fileio.glob(pattern)
+                     if not fileio.isdir(p) and not fingerprint.is_sidecar(p))
     if not files:
         raise GPTSANError(f"no input files matched --input_files {patterns!r}")
     return sorted(files)
@@ -477,8 +480,8 @@ def first_record_tokens(files):
                       "scripts/make_tfrecord.py")
 
 
-def check_records(files, num_contexts, num_vocabulary):
-    """The first example must have num_contexts tokens, each a valid id of the vocabulary."""
+def check_records(files, num_contexts, num_vocabulary=None):
+    """The first example must have num_contexts tokens (each < num_vocabulary, when given)."""
     tokens = first_record_tokens(files)
     length = len(tokens)
     if length != num_contexts:
@@ -486,20 +489,15 @@ def check_records(files, num_contexts, num_vocabulary):
                           f"num_contexts={num_contexts}; rebuild them with "
                           f"scripts/make_tfrecord.py --num_context {num_contexts}")
     largest = max(tokens, default=0)
-    if largest >= num_vocabulary:
+    if num_vocabulary is not None and largest >= num_vocabulary:
         raise GPTSANError(f"the TFRecords hold token id {largest} but the model has "
                           f"num_vocabulary={num_vocabulary}; make them with the vocabulary the "
                           "model uses")
 
 
 def vocabulary_size(path):
-    """Entries of a ja-swe vocabulary file (`read().split('\\n')`, DESIGN.md)."""
-    try:
-        return len(fileio.read_text(path).split("\n"))
-    except FileNotFoundError:
-        raise GPTSANError(f"vocabulary file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise GPTSANError(f"cannot read vocabulary {path}: {err}") from None
+    """Entries of a ja-swe vocabulary file (docs/ARCHITECTURE.md "Vocabulary files")."""
+    return len(fingerprint.vocabulary_text(path).split("\n"))
 
 
 def checkpoint_shapes(path):
@@ -626,13 +624,11 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
     return files, find_checkpoint(init_checkpoint)
 
 
-def write_model_dir(config, vocabulary, emoji=None):
-    """Creates the output directory with parameters.json and vocabulary/emoji copies (atomic)."""
+def write_model_dir(config, vocabulary, emoji):
+    """Creates the output directory with parameters.json (recording the vocabulary's
+    fingerprint, config.vocabulary) and the vocabulary/emoji copies it names (atomic)."""
     model_dir = config.train.output_dir
     fileio.makedirs(model_dir)
     if not fileio.exists(fileio.join(model_dir, PARAMETERS_FILE)):
         config.to_json_file(fileio.join(model_dir, PARAMETERS_FILE))
-    for source, name in ((vocabulary, VOCAB_FILE), (emoji, EMOJI_FILE)):
-        target = fileio.join(model_dir, name)
-        if source and not fileio.exists(target):
-            fileio.copy_file_atomic(source, target)
+    fingerprint.copy_vocabulary(model_dir, config.vocabulary, vocabulary, emoji)

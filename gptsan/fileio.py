@@ -139,9 +139,14 @@ def check_output_path(path, force):
         raise GPTSANError(f"output directory {parent} does not exist")
 
 
-def write_json_atomic(path, data, indent=None):
-    """Writes JSON via a temp file + rename: never leaves a partial file."""
-    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+def write_json_atomic(path, data, indent=None, ascii_only=False):
+    """Writes JSON via a temp file + rename: never leaves a partial file.
+
+    ascii_only: escape non-ASCII characters (json.dumps' default, as the published scripts
+    write their outputs); otherwise UTF-8 text.
+    """
+    text = json.dumps(data, ensure_ascii=ascii_only, indent=indent)
+    write_text_atomic(path, text + "\n")
 
 
 def print_report(report, path=None):

@@ -15,12 +15,11 @@ import numpy as np
 
 from gptsan import fileio
 from gptsan import mesh as meshlib
-from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
 from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
 from gptsan.modeling import MODEL_VARIABLE_PREFIXES, KVCache, build_model, variable_shapes
-from gptsan.switch import split_into_groups
+from gptsan.switch import GroupRouting, expert_capacity, split_into_groups
 
 MAX_PROGRAMS = 8  # input shapes kept callable at once (each adds its ops to the graph)
 
@@ -53,7 +52,7 @@ class Predictor:
         self._mesh_impl = meshlib.make_mesh_impl(self.mesh_shape, devices=devices)
         self.batch_size = batch_size
         self.max_length = self.model_config.num_contexts
-        self.encoder = _load_encoder(model_dir)
+        self.encoder = _load_encoder(model_dir, self.config)
 
         self._graph = tf.Graph()
         config = session_config(meshlib.mesh_size(self.mesh_shape))
@@ -67,6 +66,7 @@ class Predictor:
         self._cache = None  # the active _Cache
         self.cache_length = 0
         self._cache_precontext = None  # [b] int32 of the active cache
+        self._routing = None  # _RoutedGroup of a one-row prefill with routing_length
 
     # ------------------------------------------------------------------ public API
     def forward(self, input_ids, num_precontext=None, spout=None):
@@ -91,7 +91,10 @@ class Predictor:
         routing_length (batch 1 only): route the Switch layers as the first tokens of a
         sequence of this many tokens (e.g. the published right-padded pass) would be routed:
         the same expert groups and capacity, so the prompt's outputs equal that pass's at a
-        fraction of its cost (later tokens never take capacity from earlier ones).
+        fraction of its cost (later tokens never take capacity from earlier ones). The
+        following `step`s then continue that routing: a step's token counts against its
+        expert's capacity in the group, as in the full padded pass. Without it a step's
+        token always gets its expert.
         """
         ids, precontext, spout = self._check_inputs(input_ids, num_precontext, spout)
         slots = ids.shape[1] + (1 if spout is not None else 0)
@@ -110,6 +113,11 @@ class Predictor:
         result = program.run(ids, precontext, spout)
         self.cache_length = slots
         self._cache_precontext = precontext
+        self._routing = None
+        if group_size is not None and result.get("expert_index"):
+            self._routing = _RoutedGroup(group_size, self.model_config.num_experts,
+                                         np.stack(result["expert_index"])[:, 0],  # [n, s]
+                                         slots - ids.shape[1])
         return result
 
     def step(self, token_ids):
@@ -127,7 +135,11 @@ class Predictor:
             raise GPTSANError(f"the K/V cache is full: {self.cache_length} slots = "
                               f"num_contexts={self.max_length}")
         program = self._program(self._cache.batch, 1, False, "step")
-        out = program.run(tokens, self._cache_precontext, None, position=self.cache_length)
+        offsets, capacity = self._step_routing()
+        out = program.run(tokens, self._cache_precontext, None, position=self.cache_length,
+                          routing=(offsets, capacity))
+        if self._routing is not None:
+            self._routing.append(np.stack(out["expert_index"])[:, 0])  # [n, 1]
         self.cache_length += 1
         return {"logits": out["logits"][:, 0],
                 "hidden_states": [h[:, 0] for h in out["hidden_states"]]}
@@ -139,6 +151,8 @@ class Predictor:
         if not 0 < length <= self.cache_length:
             raise GPTSANError(f"rewind length {length} is out of range 1..{self.cache_length}")
         self.cache_length = int(length)
+        if self._routing is not None:
+            self._routing.truncate(self.cache_length)
 
     def reorder_cache(self, indices):
         """Beam search: row i of the cache becomes old row indices[i]."""
@@ -164,6 +178,14 @@ class Predictor:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _step_routing(self):
+        """(offsets [n_switch, experts] float32, capacity) fed to a step's Switch layers."""
+        config = self.model_config
+        if self._routing is not None:
+            return self._routing.offsets(self.cache_length)
+        never_full = float(self.max_length * self._cache.batch + 1)
+        return np.zeros([config.num_switch_layers, config.num_experts], np.float32), never_full
 
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, input_ids, name="input_ids"):
@@ -250,6 +272,36 @@ class Predictor:
         self._session.run(lowering.copy_masters_to_slices())
 
 
+class _RoutedGroup:
+    """The Switch routing of a one-row cached sequence: which expert each token chose in each
+    Switch layer, so a step can count the earlier tokens of its routing group.
+
+    group_size: tokens per routing group (`switch.split_into_groups` of the routing length);
+    choices: int [n_switch, tokens] expert chosen by each prefilled token (real or padding);
+    spout_slots: cache slots before the first token (1 with a spout).
+    """
+
+    def __init__(self, group_size, num_experts, choices, spout_slots):
+        self.group_size, self.num_experts = group_size, num_experts
+        self.capacity = float(expert_capacity(group_size, num_experts, train=False))
+        self.choices, self.spout_slots = np.asarray(choices, np.int64), spout_slots
+
+    def truncate(self, cache_length):
+        """Keeps the choices of the tokens before cache slot `cache_length`."""
+        self.choices = self.choices[:, :cache_length - self.spout_slots]
+
+    def append(self, step_choices):
+        """Adds one token's choices ([n_switch, 1])."""
+        self.choices = np.concatenate([self.choices, step_choices.astype(np.int64)], axis=1)
+
+    def offsets(self, cache_length):
+        """(tokens of the group before slot `cache_length` per layer and expert [n, E], C)."""
+        token = cache_length - self.spout_slots
+        earlier = self.choices[:, token - token % self.group_size:token]  # [n, <= S]
+        counts = [np.bincount(row, minlength=self.num_experts) for row in earlier]
+        return np.asarray(counts, np.float32), self.capacity
+
+
 class _Cache:
     """Per-batch K/V cache variables: per layer K and V [num_contexts, batch, heads, head_dim]."""
 
@@ -305,7 +357,7 @@ class _Program:
                 feeds.append(self.spout)
                 spout_tensor = mtf.import_tf_tensor(
                     mesh, self.spout, [batch_dim, mtf.Dimension(meshlib.SPOUT, config.num_spout)])
-            past = None
+            past = group_routing = None
             if kind == "step":
                 self.position = tf.placeholder(tf.int32, [], name="cache_position")
                 feeds.append(self.position)
@@ -319,20 +371,22 @@ class _Program:
                     values=[mtf.cast(mtf.import_tf_tensor(mesh, v, kv_shape), dtype)
                             for v in cache.values],
                     length=mtf.import_tf_tensor(mesh, self.position))
+                group_routing = self._group_routing(mesh, config, feeds)
             output = build_model(
                 config, mesh,
                 mtf.import_tf_tensor(mesh, self.ids, [batch_dim, length_dim]),
                 num_precontext=mtf.import_tf_tensor(mesh, self.precontext, [batch_dim]),
                 spout=spout_tensor, train=False, variable_dtype=predictor.variable_dtype,
                 past=past, unsplit_model=meshlib.model_parallel_size(predictor.mesh_shape) == 1,
-                routing_group_size=group_size)
+                routing_group_size=group_size,
+                group_routing=group_routing)
             lowering = mtf.Lowering(mtf_graph, {mesh: predictor._mesh_impl})
             export = lowering.export_to_tf_tensor
             # Per-layer outputs are one fetch each ([layers, b, s, ...]), split in NumPy.
             fetches = {"logits": export(output.logits),
                        "hidden_states": tf.stack([tf.cast(export(h), tf.float32)
                                                   for h in output.hidden_states])}
-            if kind != "step" and output.router_stats:
+            if output.router_stats:
                 fetches["expert_index"] = tf.stack([export(s.expert_index)
                                                     for s in output.router_stats])
                 fetches["expert_kept"] = tf.stack([tf.cast(export(s.kept), tf.bool)
@@ -359,13 +413,31 @@ class _Program:
         self.fetch_list, self.targets, self.feed_list = fetch_list, targets, feeds
         self._run = _callable(predictor._session, fetch_list, targets, feeds)
         self._has_spout = spout
+        self._has_routing = group_routing is not None
 
-    def run(self, ids, precontext, spout, position=None):
+    @staticmethod
+    def _group_routing(mesh, config, feeds):
+        """Step placeholders for `switch.GroupRouting`: per Switch layer, the expert counts
+        of the group's earlier tokens ([n_switch, experts] float32) and the capacity."""
+        if not config.num_switch_layers:
+            return None
+        offsets = tf.placeholder(tf.float32, [config.num_switch_layers, config.num_experts],
+                                 name="expert_offsets")
+        capacity = tf.placeholder(tf.float32, [], name="expert_capacity")
+        feeds += [offsets, capacity]
+        experts = mtf.Dimension(meshlib.EXPERTS, config.num_experts)
+        capacity = mtf.import_tf_tensor(mesh, capacity)
+        return [GroupRouting(mtf.import_tf_tensor(mesh, offsets[layer], [experts]), capacity)
+                for layer in range(config.num_switch_layers)]
+
+    def run(self, ids, precontext, spout, position=None, routing=None):
         args = [ids, precontext]
         if self._has_spout:
             args.append(spout)
         if position is not None:
             args.append(np.int32(position))
+        if self._has_routing:
+            args += [routing[0], np.float32(routing[1])]
         result = dict(zip(self._names, self._run(*args)))
         for name in ("hidden_states", "expert_index", "expert_kept"):
             if name in result:
@@ -434,13 +506,11 @@ def _check_checkpoint(prefix, config):
                               "not match the checkpoint")
 
 
-def _load_encoder(model_dir):
-    """The model directory's SWEEncoder, or None when it has no vocabulary copy."""
-    vocab, emoji = fileio.join(model_dir, VOCAB_FILE), fileio.join(model_dir, EMOJI_FILE)
-    if not (fileio.isfile(vocab) and fileio.isfile(emoji)):
-        return None
-    try:
-        from gptsan.tokenization import SWEEncoder
-    except ImportError:
-        return None
-    return SWEEncoder.from_files(vocab, emoji)
+def _load_encoder(model_dir, config):
+    """The model directory's SWEEncoder (checked against its recorded vocabulary fingerprint:
+    gptsan.fingerprint), or None when it has no vocabulary copy."""
+    from gptsan import fingerprint
+    from gptsan.tokenization import SWEEncoder
+
+    files = fingerprint.model_vocabulary(model_dir, config, required=False)
+    return None if files is None else SWEEncoder.from_files(files.vocab, files.emoji)

@@ -5,8 +5,14 @@ from gptsan.compat import mtf, tf
 
 
 def dense_initializer(fan_in):
-    """Published mtf dense init: normal with stddev fan_in ** -0.5 (variance scaling 1.0)."""
-    return tf.random_normal_initializer(stddev=fan_in ** -0.5)
+    """mtf.layers.dense's default init (VarianceScalingInitializer: a truncated normal with
+    stddev fan_in ** -0.5): HEAD keeps it for the Switch router and experts."""
+    return tf.truncated_normal_initializer(stddev=fan_in ** -0.5)
+
+
+def normal_initializer(stddev):
+    """A normal init with a fixed stddev (HEAD's explicit kernel initialisers)."""
+    return tf.random_normal_initializer(stddev=stddev)
 
 
 def dense(x, w, output_dims, fused, differentiable=False):

@@ -6,7 +6,7 @@ spout/past slots), P past slots, D d_model, H heads, K head_dim, V vocab, L laye
 Per layer (post-sublayer LayerNorm, published): x = x + LN_an(Attention(x));
 x = x + LN_ln(SwitchFFN(x) + tanh(x . softmlp)) for Switch layers, or
 x = x + LN_ln(swish(x . p1 + b1) . p2 + b2) for extra layers. Variable names and
-shapes are the published checkpoint's (see DESIGN.md "Model").
+shapes are the published checkpoint's (docs/ARCHITECTURE.md "Forward pass", "Checkpoint names").
 """
 import dataclasses
 from typing import List
@@ -17,13 +17,18 @@ from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
 from gptsan.config import SPOUT_DEPTH
 from gptsan.errors import GPTSANError
-from gptsan.layers import dense, dense_initializer
+from gptsan.layers import dense, normal_initializer
 from gptsan.switch import RouterStats, switch_ffn
 
 MODEL_VARIABLE_PREFIXES = ("model/", "pasts/")  # model weights (vs optimizer slots, global_step)
 LAYER_NORM_EPSILON = 1e-5  # published (and HF) LayerNorm epsilon
 MASKED_SCORE = -1e4  # published: masked attention scores become s*m - (1-m)*1e4
-EMBEDDING_STDDEV = 0.02  # init of wte/wpe/ete (GPT-2 style)
+# Initialisation of a model trained from scratch (HEAD modeling.py): normal stddevs; the
+# extra-layer position embedding `ete`, biases and LayerNorm b start at 0, LayerNorm g at 1.
+WTE_STDDEV = 0.02  # token embedding
+WPE_STDDEV = 0.01  # position embedding
+PROJECTION_STDDEV = 0.02  # attention qkv/o, extra-layer p1/p2, the head's dense kernel
+SPOUT_STDDEV = 0.01  # the spout projection (pasts/mlp*, pasts/out)
 
 
 @dataclasses.dataclass
@@ -50,7 +55,8 @@ class ModelOutput:
 
 
 def variable_shapes(config):
-    """{TF variable name: shape} of the checkpoint for `config` (DESIGN.md "Model")."""
+    """{TF variable name: shape} of the checkpoint for `config` (docs/ARCHITECTURE.md
+    "Checkpoint names")."""
     d, v, c = config.num_hidden, config.num_vocabulary, config.num_contexts
     h, k = config.num_header, config.head_dim
     shapes = {"model/wte": [v, d], "model/wpe": [c, d], "model/dense/kernel": [d, d],
@@ -85,7 +91,7 @@ def variable_shapes(config):
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
                 variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None,
-                one_slice=False):
+                one_slice=False, group_routing=None):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -105,6 +111,8 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         whole on every slice): enables the per-expert gather/scatter path (see
         `switch.switch_ffn`) and one-matmul output projections.
       routing_group_size: optional Switch routing group size (see `switch.switch_ffn`).
+      group_routing: optional list of `switch.GroupRouting`, one per Switch layer (a cached
+        step continuing a routed group).
       one_slice: the mesh is one device (1x1): per-slice TF code sees whole tensors, so
         training may use it too, with its own per-slice gradients (the per-expert Switch
         path, a segment-sum embedding gradient, matmul projections and tied head) instead
@@ -124,14 +132,13 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
 
     with tf.variable_scope("model"):
         wte = mtf.get_variable(mesh, "wte", [dims.vocab, dims.d], dtype=variable_dtype,
-                               initializer=tf.random_normal_initializer(stddev=EMBEDDING_STDDEV))
+                               initializer=normal_initializer(WTE_STDDEV))
         wpe = mtf.get_variable(mesh, "wpe", [dims.contexts, dims.d], dtype=variable_dtype,
-                               initializer=tf.random_normal_initializer(stddev=EMBEDDING_STDDEV))
+                               initializer=normal_initializer(WPE_STDDEV))
         ete = None
         if config.num_ext_layers:
             ete = mtf.get_variable(mesh, "ete", [dims.contexts, dims.d], dtype=variable_dtype,
-                                   initializer=tf.random_normal_initializer(
-                                       stddev=EMBEDDING_STDDEV))
+                                   initializer=tf.zeros_initializer())
 
     spout_kv = None
     if config.num_spout:
@@ -186,7 +193,9 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
                 y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype,
                                                   local_experts=one_slice if train
                                                   else unsplit_model,
-                                                  group_size=routing_group_size)
+                                                  group_size=routing_group_size,
+                                                  group_routing=None if group_routing is None
+                                                  else group_routing[layer])
             aux_loss += loss
             stats.append(layer_stats)
         else:
@@ -290,10 +299,10 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
     """
     mesh = x.mesh
     w_qkv = mtf.get_variable(mesh, "qkv/kernel", [dims.d, dims.qkv, dims.heads, dims.head_dim],
-                             dtype=variable_dtype, initializer=dense_initializer(dims.d.size))
+                             dtype=variable_dtype,
+                             initializer=normal_initializer(PROJECTION_STDDEV))
     w_o = mtf.get_variable(mesh, "o/kernel", [dims.heads, dims.head_dim, dims.d],
-                           dtype=variable_dtype,
-                           initializer=dense_initializer(dims.heads.size * dims.head_dim.size))
+                           dtype=variable_dtype, initializer=normal_initializer(PROJECTION_STDDEV))
     # One matmul in natural order, then split the activations: q, k, v [B, T, H, K].
     # Per-slice matmuls (layers.dense): in inference, and on one-slice meshes in training.
     qkv = dense(x, w_qkv, [dims.batch, dims.length, dims.qkv, dims.heads, dims.head_dim],
@@ -411,11 +420,11 @@ def _ext_mlp(x, dims, variable_dtype, fused, differentiable):
     """Extra dense layer FFN: swish(x . p1 + b1) . p2 + b2."""
     mesh = x.mesh
     p1 = mtf.get_variable(mesh, "p1/kernel", [dims.d, dims.ext_hidden], dtype=variable_dtype,
-                          initializer=dense_initializer(dims.d.size))
+                          initializer=normal_initializer(PROJECTION_STDDEV))
     b1 = mtf.get_variable(mesh, "p1/bias", [dims.ext_hidden], dtype=variable_dtype,
                           initializer=tf.zeros_initializer())
     p2 = mtf.get_variable(mesh, "p2/kernel", [dims.ext_hidden, dims.d], dtype=variable_dtype,
-                          initializer=dense_initializer(dims.ext_hidden.size))
+                          initializer=normal_initializer(PROJECTION_STDDEV))
     b2 = mtf.get_variable(mesh, "p2/bias", [dims.d], dtype=variable_dtype,
                           initializer=tf.zeros_initializer())
     h = mtf.swish(dense(x, p1, [dims.batch, dims.length, dims.ext_hidden], fused,
@@ -433,7 +442,7 @@ def _head(x, wte, dims, variable_dtype, train, one_slice=False):
     """
     mesh = x.mesh
     kernel = mtf.get_variable(mesh, "dense/kernel", [dims.d, dims.d_out], dtype=variable_dtype,
-                              initializer=dense_initializer(dims.d.size))
+                              initializer=normal_initializer(PROJECTION_STDDEV))
     bias = mtf.get_variable(mesh, "dense_1/bias", [dims.d_out], dtype=variable_dtype,
                             initializer=tf.zeros_initializer())
     wob = mtf.get_variable(mesh, "wob", [dims.vocab], dtype=variable_dtype,
@@ -483,10 +492,10 @@ def _spout_projection(mesh, config, dims, spout, variable_dtype, active):
         with tf.variable_scope(f"mlp{n}"):
             kernels.append(mtf.get_variable(mesh, "kernel", [dims.spout, dims.spout_hidden],
                                             dtype=variable_dtype,
-                                            initializer=dense_initializer(dims.spout.size)))
+                                            initializer=normal_initializer(SPOUT_STDDEV)))
     with tf.variable_scope("out"):
         out = mtf.get_variable(mesh, "kernel", [dims.spout, dims.spout_kv], dtype=variable_dtype,
-                               initializer=dense_initializer(dims.spout.size))
+                               initializer=normal_initializer(SPOUT_STDDEV))
     if not active:
         return None
     if spout.shape.dims != [dims.batch, dims.spout]:

@@ -13,8 +13,8 @@ departure is an opt-in `train_params` key or run_train.py flag (named in parenth
   (`warmup_from_one`), then `1 / sqrt(max(step, 1 / base_lr**2))`;
 * `--clip_gradients`: global norm 0.01 (`--clip_norm`; the first published version used 1.0);
 * float16 (`--use_mixed_precision`): fixed loss scale 2^9 (`--dynamic_loss_scale`).
-Variables named in an ignore list (`ignore-params.json`) are frozen: they get no gradient, no
-update and no optimizer slot variables.
+Checkpoint names: docs/ARCHITECTURE.md "Checkpoint names". Variables named in an ignore list
+(`ignore-params.json`) are frozen: they get no gradient, no update and no optimizer slots.
 """
 import math
 import re

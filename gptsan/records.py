@@ -1,6 +1,6 @@
 """TFRecord training data: the example schema, writing shards, reading them back, and the input_fn.
 
-Schema (DESIGN.md "Training data"; the published run_training.py feature names):
+Schema (docs/ARCHITECTURE.md "Training data"; the published run_training.py feature names):
     x          int64[num_context]  tokens
     y          int64[num_context]  targets, -1 = no loss
     i          int64[1]            document / class id (drives the spout)
@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from gptsan.compat import tf
 from gptsan.errors import GPTSANError
+from gptsan.fingerprint import is_sidecar
 
 X, Y, CLASS_ID, NUM_INPUT = "x", "y", "i", "num_input"  # feature names
 SHARD_SUFFIX = ".tfrecord"
@@ -91,8 +92,8 @@ def expand_patterns(file_patterns):
     if isinstance(file_patterns, str):
         file_patterns = [p for p in file_patterns.split(",") if p.strip()]
     files = set()
-    for pattern in file_patterns:
-        files.update(tf.io.gfile.glob(pattern.strip()))
+    for pattern in file_patterns:  # not the <prefix>.vocabulary.json next to the shards
+        files.update(f for f in tf.io.gfile.glob(pattern.strip()) if not is_sidecar(f))
     if not files:
         raise GPTSANError(f"no training files match {','.join(file_patterns)}")
     return sorted(files)

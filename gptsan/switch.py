@@ -11,13 +11,14 @@ import dataclasses
 
 from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
-from gptsan.layers import dense, dense_initializer
+from gptsan.layers import dense, dense_initializer, normal_initializer
 
 MAX_GROUP_SIZE = 1024  # published moe_group_size
 TRAIN_CAPACITY_FACTOR = 1.25  # published moe_capacity_factor_train
 EVAL_CAPACITY_FACTOR = 2.0  # published moe_capacity_factor_eval
 MIN_EXPERT_CAPACITY = 4  # published moe_min_expert_capacity
 JITTER = 1e-2  # published switch input jitter (multiplicative, train only, gate input only)
+SOFTMLP_STDDEV = 0.01  # HEAD's softmlp kernel init (router and experts: mtf's default)
 MAX_SLICED_TOKENS = 8  # token-choice path: up to this many tokens per slice use aliasing slices
 
 
@@ -46,7 +47,20 @@ def expert_capacity(group_size, num_experts, train):
     return max(min(group_size, int(group_size * factor / num_experts)), MIN_EXPERT_CAPACITY)
 
 
-def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size=None):
+@dataclasses.dataclass
+class GroupRouting:
+    """A cached decoding step's place in a longer routed group (mtf tensors).
+
+    offsets: float32 [experts]: tokens of the group before this call that chose each expert;
+    capacity: float32 scalar: the expert capacity of that group. With them, a step routes its
+    token exactly as the full padded pass would (it is dropped once its expert is full).
+    """
+    offsets: object
+    capacity: object
+
+
+def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size=None,
+               group_routing=None):
     """Switch FFN of one layer (call inside the layer's `moe{i}` variable scope).
 
     Args:
@@ -61,6 +75,8 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
       group_size: route in groups of this many token slots (the last group padded)
         instead of the published split of this call's tokens: a prompt prefilled alone
         then routes exactly as at the start of the longer padded sequence it stands for.
+      group_routing: optional GroupRouting: this call continues a group routed earlier
+        (incremental decoding with the cache); capacity counts the earlier tokens too.
     Returns:
       (y [batch, length, d_model], aux_loss scalar float32, RouterStats)
     """
@@ -84,7 +100,7 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
                               dtype=router_dtype, initializer=dense_initializer(d_dim.size))
     w_soft = mtf.get_variable(mesh, "softmlp/kernel",
                               [d_dim, mtf.Dimension(meshlib.D_MODEL_OUT, d_dim.size)],
-                              dtype=variable_dtype, initializer=dense_initializer(d_dim.size))
+                              dtype=variable_dtype, initializer=normal_initializer(SOFTMLP_STDDEV))
     w_in = mtf.get_variable(mesh, "wi/kernel", [experts_dim, d_dim, hidden_dim],
                             dtype=variable_dtype, initializer=dense_initializer(d_dim.size))
     w_out = mtf.get_variable(mesh, "wo/kernel", [experts_dim, hidden_dim, d_dim],
@@ -123,7 +139,11 @@ def switch_ffn(x, config, train, variable_dtype, local_experts=False, group_size
 
     # Capacity: priority = exclusive cumsum in group order.
     position = None
-    if group_size <= capacity:  # every token fits, whatever the routing
+    if group_routing is not None:  # continue a group routed by earlier calls
+        earlier = mtf.cumsum(mask, group_dim, exclusive=True) + group_routing.offsets
+        kept = mtf.cast(mtf.less(mtf.reduce_sum(earlier * mask, reduced_dim=experts_dim),
+                                 group_routing.capacity), tf.float32)  # [G, S]
+    elif group_size <= capacity:  # every token fits, whatever the routing
         kept = mtf.ones(mesh, [groups_dim, group_dim], dtype=tf.float32)
     else:
         position = mtf.reduce_sum(mtf.cumsum(mask, group_dim, exclusive=True) * mask,

@@ -6,7 +6,7 @@ Inputs (all from package registries or the user):
     `unicode-data`: /usr/share/unicode);
   * emoji classes: Unicode's emoji-test.txt (groups/subgroups).
 
-Output order (DESIGN.md "Vocabulary and emoji files"): ordinary tokens (2-3 char tokens,
+Output order (docs/ARCHITECTURE.md "Vocabulary files"): ordinary tokens (2-3 char tokens,
 then single characters), symbols, specials, emoji classes, bytes, 7 control tokens.
 
 The encoder takes, at each position, the SMALLEST id among the matching windows of length
@@ -31,12 +31,13 @@ import zipfile
 from tqdm import tqdm
 
 from gptsan.errors import GPTSANError
-# Specials, emoji classes, bytes and control tokens follow DESIGN.md; their names live in one place.
+# Specials, emoji classes, bytes and control tokens follow docs/ARCHITECTURE.md "Vocabulary files";
+# their names live in one place.
 from gptsan.tokenization import CONTROL_TOKENS, NUM_BYTE_TOKENS, SPECIAL_TOKENS
 
 MIN_VOCAB_SIZE = 8000  # smallest supported vocabulary
 MAX_VOCAB_SIZE = 36000  # the published vocabulary size
-MAX_TOKEN_CHARS = 3  # the encoder looks at windows of at most 3 chars (DESIGN.md rule 4)
+MAX_TOKEN_CHARS = 3  # the encoder's window: docs/ARCHITECTURE.md "Encoding rules", rule 4
 DEFAULT_UNICODE_DIR = "/usr/share/unicode"  # Debian package `unicode-data`
 
 # Single characters: 2,500 at 8k entries growing to 5,500 at 36k (the published 36k file has

@@ -27,6 +27,8 @@ sys.path.insert(0, ROOT)
 
 from gptsan import fileio  # noqa: E402
 from gptsan import generation as gen  # noqa: E402
+from gptsan.data import SpecialTokens  # noqa: E402
+from gptsan.prompts import build_prompt, feed_token  # noqa: E402
 from gptsan.config import GPTSANConfig  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
 
@@ -82,9 +84,10 @@ def latency_stats(stamps, start, window):
 
 
 def _prompt(config, seed):
-    special = gen.SpecialTokens.from_vocab_size(config.model.num_vocabulary)
+    special = SpecialTokens.from_vocab_size(config.model.num_vocabulary)
     context = np.random.default_rng(seed).integers(0, special.sot, PROMPT_LENGTH - 2).tolist()
-    return special, gen.build_prompt(special, context, max_length=config.model.num_contexts)
+    return special, build_prompt(special, context, max_length=config.model.num_contexts,
+                                 as_training=True)
 
 
 def run_engine(args):
@@ -102,10 +105,15 @@ def run_engine(args):
     predictor = Predictor(args.model_dir, batch_size=1, threads=args.threads or None)
     use_cache = args.engine == "cached"
     no_eot = [t for t in range(special.vocab_size) if t != special.eot]
-    warm = gen.GenerationSettings(max_generate=4, top_k=1, use_cache=use_cache)
-    gen.generate(predictor, prompt, special, warm)  # graph build / first-run costs
-    settings = gen.GenerationSettings(max_generate=args.new_tokens, top_k=1,
-                                      use_cache=use_cache, allowed_tokens=no_eot)
+    greedy = dict(decoder="sample", beam_width=1, top_k=1, use_cache=use_cache)
+    # Graph builds / first-run costs: the prefill program of this run's routing length (it
+    # follows max_generate, as the published padding does), then the step program.
+    for warm in (gen.GenerationSettings(max_generate=args.new_tokens, **greedy,
+                                        allowed_tokens=[special.eot]),
+                 gen.GenerationSettings(max_generate=4, **greedy)):
+        gen.generate(predictor, prompt, special, warm)
+    settings = gen.GenerationSettings(max_generate=args.new_tokens, allowed_tokens=no_eot,
+                                      **greedy)
     stamps = []
     start = time.perf_counter()
     result = gen.generate(predictor, prompt, special, settings,
@@ -113,7 +121,7 @@ def run_engine(args):
     stats = latency_stats(np.array(stamps), start, args.window)
     # Tokens a full (padded) pass over the final sequence drops for expert capacity: single-
     # token steps never drop, so a non-zero count explains cached != full recomputation.
-    fed = prompt.input_ids + [gen.feed_token(t, special) for t in result.model_tokens[:-1]]
+    fed = prompt.input_ids + [feed_token(t, special, True) for t in result.model_tokens[:-1]]
     padded = np.full([1, predictor.max_length], special.eot, np.int32)
     padded[0, :len(fed)] = fed
     kept = predictor.forward(padded)["expert_kept"]

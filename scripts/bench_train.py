@@ -108,7 +108,8 @@ def bench_hf(config, args):
     hf_config = {k: v for k, v in hf_config_dict(model).items()
                  if k not in ("architectures", "model_type", "torch_dtype", "num_layers")}
     net = GPTSanJapaneseForConditionalGeneration(GPTSanJapaneseConfig(**hf_config))
-    net.config.use_cache = net.model.config.use_cache = False  # FORWARD.md §3.7
+    # both flags, or HF keeps its cache (docs/ARCHITECTURE.md "Differences from the HF port")
+    net.config.use_cache = net.model.config.use_cache = False
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE)
     input_ids, labels = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(

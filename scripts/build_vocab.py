@@ -1,10 +1,11 @@
-"""Builds a ja-swe vocabulary and emoji table (DESIGN.md format) from public Japanese data.
+"""Builds a ja-swe vocabulary and emoji table from public Japanese data.
 
     python scripts/build_vocab.py --size 36000 --vocab_file ja-swe36k.txt \
         --emoji_file emoji.json [--corpus DIR] [--no_wordfreq] [--force]
 
 Data: wordfreq's Japanese word list (pip install -e '.[vocab]') and/or --corpus DIR
 (.txt, .html, man pages, optionally .gz); Unicode data from --unicode_dir (Debian unicode-data).
+Format: docs/ARCHITECTURE.md "Vocabulary files".
 """
 import os
 import sys

@@ -1,11 +1,14 @@
 """Converts between a GPTSAN model directory (TF checkpoint) and an HF transformers directory.
 
-    python scripts/convert_checkpoint.py --src HF_DIR --dst MODEL_DIR [--vocabulary ja-swe36k.txt
-        --emoji emoji.json] [--force]          # HF GPTSanJapanese -> GPTSAN
+    python scripts/convert_checkpoint.py --src HF_DIR --dst MODEL_DIR [--vocabulary VOCAB
+        --emoji EMOJI] [--force]          # HF GPTSanJapanese -> GPTSAN
     python scripts/convert_checkpoint.py --src MODEL_DIR --dst HF_DIR [--force]   # GPTSAN -> HF
 
 The direction is detected from the source directory (`--from hf|gptsan` forces it). A published
 original checkpoint directory (parameters.json + model.ckpt-*) is a GPTSAN model directory.
+The vocabulary goes along (default: the source's own copy) and must be the one the source
+records (gptsan/fingerprint.py); the published weights need the published vocabulary, never
+this repository's ja-swe36k.txt.
 """
 import os
 import sys

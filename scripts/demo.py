@@ -2,7 +2,8 @@
 
 Runs the real CLIs (`run_generate.py`, `run_languagemodel.py`) on the bundled demo model
 `models/demo` (a small Switch Transformer trained on data/sample by `make demo-model`):
-streaming generation, spout-steered generation, hybrid generation with a prefix, [MASK]
+generation with the published defaults, streaming generation with the project sampler,
+spout-steered generation, hybrid generation with a prefix, [MASK]
 filling and a hidden-vector dump to JSON. Without `models/demo` it shows only the tokenizer.
 """
 import argparse
@@ -18,10 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import SWEEncoder  # noqa: E402
+from gptsan.tokenization import PROJECT_EMOJI, PROJECT_VOCABULARY, SWEEncoder  # noqa: E402
 
-VOCABULARY = os.path.join(ROOT, "ja-swe36k.txt")
-EMOJI = os.path.join(ROOT, "emoji.json")
 DEMO_MODEL = os.path.join("models", "demo")  # relative to ROOT: the path a user types
 SAMPLE_TEXTS = (
     "明日の天気は晴れ時々くもり、最高気温は２５度の予想です。",
@@ -39,8 +38,8 @@ def banner(title, command):
 
 
 def demo_tokenizer():
-    encoder = SWEEncoder.from_files(VOCABULARY, EMOJI)
-    banner("Tokenizer: the project's own ja-swe vocabulary",
+    encoder = SWEEncoder.from_files(PROJECT_VOCABULARY, PROJECT_EMOJI)
+    banner("Tokenizer: the project's own ja-swe36k vocabulary (not the published one)",
            "python -c \"from gptsan.tokenization import SWEEncoder; "
            "e = SWEEncoder.from_files('ja-swe36k.txt', 'emoji.json'); print(e.encode('...'))\"")
     print(f"vocabulary: {len(encoder)} entries")
@@ -63,8 +62,14 @@ def run_cli_step(title, args):
 
 
 def demo_model(model, work_dir):
-    sampling = ["--top_k", "40", "--max_generate", str(MAX_GENERATE), "--seed", str(SEED)]
-    run_cli_step("Text generation from a prompt (tokens stream as they are sampled)",
+    run_cli_step("Text generation with the published defaults (4 rows sampled from the top 120; "
+                 "every row printed)",
+                 ["run_generate.py", "--model", model, "--context", "今日は", "--max_generate",
+                  str(MAX_GENERATE), "--seed", str(SEED), "--quiet"])
+    sampling = ["--decoder", "sample", "--top_k", "40", "--max_generate", str(MAX_GENERATE),
+                "--seed", str(SEED)]
+    run_cli_step("Text generation from a prompt with the project sampler (tokens stream as "
+                 "they are sampled)",
                  ["run_generate.py", "--model", model, "--context", "今日は"] + sampling)
     for class_id, name in SPOUT_CLASSES:
         run_cli_step(f"Generation steered by the spout: class {class_id} = {name}",

@@ -11,8 +11,8 @@ Recipe (documented in models/demo/README.md; `make demo-model` runs exactly this
      --spout_vector onehot / none, each stage starting from the previous one
      (--init_checkpoint); train_params fix the batch size, learning rate, total step count
      and seed
-  4. export: only the model variables (no Adam slots) + parameters.json + vocabulary + emoji
-     table are written to --output.
+  4. export: only the model variables (no Adam slots) + parameters.json (recording the
+     vocabulary's fingerprint) + vocabulary (DEMO_VOCAB_FILE) + emoji table to --output.
 Each step is a subprocess of the real CLI, with its own progress bar.
 """
 import argparse
@@ -27,13 +27,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE  # noqa: E402
+from gptsan.checkpoint import EMOJI_FILE  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo.json")  # model + train params of the demo model
 SAMPLE_DIR = os.path.join(ROOT, "data", "sample")  # the project's redistributable corpus
 CLASSES_CSV = os.path.join(SAMPLE_DIR, "classes.csv")  # filename,fileid: spout class per kind
 VOCAB_SIZE = 8000  # smallest size build_vocab.py supports: keeps the model well under 20 MB
+# The demo's own vocabulary: named so that no one takes it for a 36k one (the published name
+# ja-swe36k.txt is the default of directories that record no vocabulary).
+DEMO_VOCAB_FILE = "ja-swe8k-demo.txt"
+DEMO_VOCAB_NAME = ("the demo model's own 8k vocabulary (scripts/build_vocab.py --size 8000 "
+                   "--corpus data/sample), neither the project's 36k nor the published one")
 HYBRID_RATE = 0.5  # half the examples get a bidirectional prefix (MASK fill), half are plain LM
 RECORD_COPIES = 4  # passes over the corpus with different seeds -> varied prefixes and masks
 SEED = 1  # seed of the TFRecord passes (training uses train_params.seed of configs/demo.json)
@@ -92,7 +97,7 @@ def main(argv=None):
     records_dir = os.path.join(args.work_dir, "records")
     train_dir = os.path.join(args.work_dir, "train")
     os.makedirs(records_dir)
-    vocab = os.path.join(args.work_dir, VOCAB_FILE)
+    vocab = os.path.join(args.work_dir, DEMO_VOCAB_FILE)
     emoji = os.path.join(args.work_dir, EMOJI_FILE)
     py = sys.executable
     timings = {}
@@ -157,9 +162,11 @@ def write_stage_config(config, path, steps, warmup):
 def export_model(stage_dir, stage_steps, output, config, vocab, emoji):
     """Copies the model variables of the last stage's final checkpoint to `output`.
 
-    The exported checkpoint is numbered with the total step count of all stages.
+    The exported checkpoint is numbered with the total step count of all stages; parameters.json
+    records the vocabulary (name DEMO_VOCAB_NAME).
     """
     from gptsan.checkpoint import find_checkpoint, read_tf_checkpoint, write_tf_checkpoint
+    from gptsan.fingerprint import VocabularyFiles
 
     prefix = find_checkpoint(stage_dir)
     if int(prefix.rsplit("-", 1)[-1]) != stage_steps:  # model.ckpt-<step>
@@ -167,7 +174,10 @@ def export_model(stage_dir, stage_steps, output, config, vocab, emoji):
                           f"{stage_steps}")
     step = config.train.max_training_step
     variables = read_tf_checkpoint(prefix, progress=True)
-    files = {VOCAB_FILE: vocab, EMOJI_FILE: emoji}
+    vocabulary = VocabularyFiles.of(vocab, emoji)
+    record = vocabulary.record(name=DEMO_VOCAB_NAME)
+    config = dataclasses.replace(config, vocabulary=record)
+    files = vocabulary.model_dir_files(record)
     readme = os.path.join(output, README_FILE)
     if os.path.isfile(readme):  # the recipe's documentation stays with the rebuilt model
         with open(readme, "rb") as f:

@@ -17,9 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
-from gptsan import data, records  # noqa: E402
+from gptsan import data, fingerprint, records  # noqa: E402
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import DEFAULT_EMOJI, DEFAULT_VOCABULARY  # noqa: E402
 
 
 
@@ -32,8 +31,11 @@ def parse_args(argv):
                    help="'lm' language model, 'mlm' masked language model, 'hybrid' both")
     p.add_argument("--no_offset_mlm", action="store_true",
                    help="mlm only: shift x left by one so masks sit at their target position")
-    p.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, help="vocabulary file")
-    p.add_argument("--emoji", default=DEFAULT_EMOJI, help="emoji table")
+    p.add_argument("--vocabulary", default=None,
+                   help="vocabulary file (no default: the project's ja-swe36k.txt and the "
+                        "published one share the name)")
+    p.add_argument("--emoji", default=None, help="emoji table (default: emoji.json next to "
+                                                 "--vocabulary)")
     p.add_argument("--num_process", type=int, default=8, help="worker processes")
     p.add_argument("--num_context", type=int, default=1280, help="context token length")
     p.add_argument("--num_mask", type=float, default=0.08,
@@ -58,15 +60,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def load_encoder(vocabulary, emoji):
-    from gptsan.tokenization import SWEEncoder
-
-    for path in (vocabulary, emoji):
-        if not os.path.isfile(path):
-            raise GPTSANError(f"no such file: {path} (see --vocabulary / --emoji)")
-    return SWEEncoder.from_files(vocabulary, emoji)
-
-
 def main(argv=None):
     args = parse_args(argv)
     options = data.ExampleOptions(
@@ -78,8 +71,12 @@ def main(argv=None):
         raise GPTSANError(f"--num_process must be >= 1, got {args.num_process}")
     files = data.resolve_input_files(args.input_files)
     prefix = args.output_prefix or args.mode
+    vocab = fingerprint.data_tool_files(args.vocabulary, args.emoji)
     writer = records.ShardWriter(prefix, args.data_per_file, force=args.force)
-    encoder = load_encoder(args.vocabulary, args.emoji)
+    from gptsan.tokenization import SWEEncoder
+
+    encoder = SWEEncoder.from_files(vocab.vocab, vocab.emoji)
+    fingerprint.announce(vocab)
     special = data.SpecialTokens.from_encoder(encoder)
     tasks = data.order_files(files, args.seed)
 
@@ -105,6 +102,7 @@ def main(argv=None):
             raise GPTSANError(f"no examples made from {len(tasks)} file(s) "
                               f"({summary.skipped} skipped); nothing written")
         paths = writer.commit()
+        fingerprint.write_records_vocabulary(prefix, vocab)  # <prefix>.vocabulary.json
     except BaseException:
         writer.abort()
         raise

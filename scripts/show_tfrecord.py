@@ -13,10 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptsan import records  # noqa: E402
+from gptsan import fingerprint, records  # noqa: E402
 from gptsan.data import NO_TARGET  # noqa: E402
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import DEFAULT_EMOJI, DEFAULT_VOCABULARY  # noqa: E402
 
 
 
@@ -25,8 +24,11 @@ def parse_args(argv):
     p.add_argument("file", help="a .tfrecord shard written by make_tfrecord.py")
     p.add_argument("--index", type=int, default=0, help="first example to show")
     p.add_argument("--count", type=int, default=1, help="number of examples to show")
-    p.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, help="vocabulary file")
-    p.add_argument("--emoji", default=DEFAULT_EMOJI, help="emoji table")
+    p.add_argument("--vocabulary", default=None,
+                   help="vocabulary file (default: the one the shard was made with, named in "
+                        "<prefix>.vocabulary.json next to it)")
+    p.add_argument("--emoji", default=None, help="emoji table (default: the shard's, or "
+                                                 "emoji.json next to --vocabulary)")
     p.add_argument("--ids", action="store_true", help="also print the raw x / y ids")
     return p.parse_args(argv)
 
@@ -105,20 +107,19 @@ class Renderer:
         return parts[0], parts[1], counts
 
 
-def load_encoder(vocabulary, emoji):
+def load_encoder(shard, vocabulary, emoji):
+    """The SWEEncoder of the vocabulary the shard was made with (checked: gptsan.fingerprint)."""
     from gptsan.tokenization import SWEEncoder
 
-    for path in (vocabulary, emoji):
-        if not os.path.isfile(path):
-            raise GPTSANError(f"no such file: {path} (see --vocabulary / --emoji)")
-    return SWEEncoder.from_files(vocabulary, emoji)
+    files = fingerprint.records_files(shard, vocabulary, emoji)
+    return SWEEncoder.from_files(files.vocab, files.emoji)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.index < 0 or args.count < 1:
         raise GPTSANError("--index must be >= 0 and --count >= 1")
-    renderer = Renderer(load_encoder(args.vocabulary, args.emoji))
+    renderer = Renderer(load_encoder(args.file, args.vocabulary, args.emoji))
     shown = 0
     for index, ex in records.read_examples(args.file, args.index, args.count):
         x, y = ex[records.X], ex[records.Y]

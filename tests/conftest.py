@@ -7,6 +7,9 @@
   Session-scoped: built once (~2 s). Yields a `TinyModel` (HF model, HF dir, model dir).
 * `tiny_predictor`: a 1x1 `Predictor` on that model dir, shared by the whole session.
 * `set_logical_cpu_devices(4)` runs before any TF session so 2x2 and 1x4 meshes work.
+* `require_debian_data(path, packages)`: a test that reads system data (Debian's unicode-data,
+  manpages-ja) skips with a one-line reason where it is absent -- and fails instead when
+  GPTSAN_REQUIRE_SYSTEM_DATA is set, as .ci/run sets it after installing the data.
 """
 import dataclasses
 import os
@@ -23,6 +26,21 @@ from gptsan.compat import set_logical_cpu_devices  # noqa: E402
 
 NUM_TEST_DEVICES = 4  # logical CPU devices for the 2x2 and 1x4 mesh tests
 set_logical_cpu_devices(NUM_TEST_DEVICES)
+STRICT_DATA_ENV = "GPTSAN_REQUIRE_SYSTEM_DATA"  # set by .ci/run: absent system data fails
+
+
+def require_debian_data(paths, packages):
+    """Skips the calling test (one-line reason) unless all `paths`, installed by the Debian
+    `packages`, exist; with GPTSAN_REQUIRE_SYSTEM_DATA set the test fails instead."""
+    __tracebackhide__ = True  # report the calling test, not this helper
+    missing = [p for p in ([paths] if isinstance(paths, str) else paths) if not os.path.exists(p)]
+    if not missing:
+        return
+    reason = (f"{missing[0]} is absent: needs Debian's {packages} (`make vocab-data` installs "
+              "it, as root)")
+    if os.environ.get(STRICT_DATA_ENV):
+        pytest.fail(f"{reason}; {STRICT_DATA_ENV} is set, so this is an error")
+    pytest.skip(reason)
 
 EMBED_STD = 1.0  # random HF embeddings: large enough that routing is balanced (drop-free)
 TINY_SEED = 1  # seed of the shared tiny model: its test inputs route drop-free

@@ -25,24 +25,25 @@ HF_KWARGS = dict(vocab_size=128, d_model=32, num_heads=4, num_experts=4, num_swi
                  num_ext_layers=1, d_ff=64, d_ext=48, max_position_embeddings=32, d_spout=16)
 D, H, HD, E, FF, EXT, CTX, V, SP, L = 32, 4, 8, 4, 64, 48, 32, 128, 16, 3
 
-# DESIGN.md "Model" written out by hand for the tiny model (independent of gptsan.checkpoint).
-DESIGN_SHAPES = {"model/wte": (V, D), "model/wpe": (CTX, D), "model/ete": (CTX, D),
+# docs/ARCHITECTURE.md "Checkpoint names" written out by hand for the tiny model (independent of
+# gptsan.checkpoint).
+DOCUMENTED_SHAPES = {"model/wte": (V, D), "model/wpe": (CTX, D), "model/ete": (CTX, D),
                  "model/dense/kernel": (D, D), "model/dense_1/bias": (D,), "model/wob": (V,),
                  "pasts/out/kernel": (SP, L * 2 * D)}
 for _i in range(L):
-    DESIGN_SHAPES.update({f"model/att{_i}/qkv/kernel": (D, 3, H, HD),
+    DOCUMENTED_SHAPES.update({f"model/att{_i}/qkv/kernel": (D, 3, H, HD),
                           f"model/att{_i}/o/kernel": (H, HD, D),
                           f"model/an{_i}/g": (D,), f"model/an{_i}/b": (D,),
                           f"model/ln{_i}/g": (D,), f"model/ln{_i}/b": (D,)})
 for _i in range(2):
-    DESIGN_SHAPES.update({f"model/moe{_i}/switch_gating/kernel": (D, E),
+    DOCUMENTED_SHAPES.update({f"model/moe{_i}/switch_gating/kernel": (D, E),
                           f"model/moe{_i}/softmlp/kernel": (D, D),
                           f"model/moe{_i}/wi/kernel": (E, D, FF),
                           f"model/moe{_i}/wo/kernel": (E, FF, D)})
-DESIGN_SHAPES.update({"model/mlp2/p1/kernel": (D, EXT), "model/mlp2/p1/bias": (EXT,),
+DOCUMENTED_SHAPES.update({"model/mlp2/p1/kernel": (D, EXT), "model/mlp2/p1/bias": (EXT,),
                       "model/mlp2/p2/kernel": (EXT, D), "model/mlp2/p2/bias": (D,)})
 for _n in range(8):
-    DESIGN_SHAPES[f"pasts/mlp{_n}/kernel"] = (SP, SP)
+    DOCUMENTED_SHAPES[f"pasts/mlp{_n}/kernel"] = (SP, SP)
 
 
 def _hf_model(seed=0, **overrides):
@@ -82,9 +83,11 @@ def _run(script, *args):
 def test_hf_to_gptsan_names_shapes_and_values(hf_dir, model_dir):
     assert sorted(os.listdir(model_dir)) == sorted([
         "checkpoint", "model.ckpt-0.index", "model.ckpt-0.data-00000-of-00001",
-        "parameters.json", ck.VOCAB_FILE, ck.EMOJI_FILE])
+        "parameters.json", "vocab.txt", "emoji.json"])  # the HF names: not the published 36k
+    record = GPTSANConfig.from_json_file(model_dir).vocabulary
+    assert (record.vocab_file, record.emoji_file) == ("vocab.txt", "emoji.json")
     variables = ck.read_tf_checkpoint(model_dir)
-    assert {n: v.shape for n, v in variables.items()} == DESIGN_SHAPES
+    assert {n: v.shape for n, v in variables.items()} == DOCUMENTED_SHAPES
     assert all(v.dtype == np.float32 for v in variables.values())
     reader = tf.train.load_checkpoint(model_dir)
     assert reader.get_tensor("global_step") == 0
@@ -300,7 +303,8 @@ def test_add_layers_cli(model_dir, tmp_path):
     assert (config.model.num_switch_layers, config.model.num_ext_layers) == (2, 3)
     frozen = json.load(open(dst / "ignore-params.json"))
     assert frozen == sorted(set(old) - {"pasts/out/kernel"})
-    assert os.path.exists(dst / ck.VOCAB_FILE) and os.path.exists(dst / ck.EMOJI_FILE)
+    assert config.vocabulary == GPTSANConfig.from_json_file(model_dir).vocabulary
+    assert os.path.exists(dst / "vocab.txt") and os.path.exists(dst / "emoji.json")
 
 
 def test_names_and_shapes_agree_with_the_model_graph():

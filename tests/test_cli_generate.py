@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from gptsan import generation as gen
+from gptsan import prompts
+from gptsan.data import SpecialTokens
 from test_generation import make_tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,6 @@ def _run(script, *args):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    pytest.importorskip("gptsan.inference", reason="gptsan/inference.py (H3) not present yet")
     return make_tiny_model_dir(str(tmp_path_factory.mktemp("cli") / "tiny"), seed=1)
 
 
@@ -40,11 +41,11 @@ def _streamed(stdout):
     return texts
 
 
-def test_generate_streams_writes_json_and_matches_full_recomputation(model_dir, tmp_path):
+def test_sampler_streams_writes_json_and_matches_full_recomputation(model_dir, tmp_path):
     out = tmp_path / "out.json"
     common = ["--model", model_dir, "--context", "武将、", "--prefix", "織田信長は",
-              "--spout", "1", "--top_k", "0", "--seed", "3", "--num_generate", "2",
-              "--max_generate", "8", "--output", out]
+              "--spout", "1", "--decoder", "sample", "--top_k", "0", "--seed", "3",
+              "--num_generate", "2", "--max_generate", "8", "--output", out]
     first = _run(GENERATE, *common)
     assert first.returncode == 0, first.stderr
     data = json.loads(out.read_text(encoding="utf-8"))
@@ -68,17 +69,29 @@ def test_generate_streams_writes_json_and_matches_full_recomputation(model_dir, 
         [g["model_tokens"] for g in data["generations"]]
 
 
+def test_published_rows_stream_with_one_row(model_dir, tmp_path):
+    out = tmp_path / "rows.json"
+    result = _run(GENERATE, "--model", model_dir, "--context", "武将、", "--beam_width", "1",
+                  "--num_generate", "2", "--max_generate", "6", "--seed", "1", "--output", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert [g["run"] for g in data["generations"]] == [0, 1]
+    assert _streamed(result.stdout) == [g["text"] for g in data["generations"]]
+    assert result.stdout.count("====[next generate]====") == 1  # HEAD: start, next, end
+
+
 def test_generate_beam_search_with_a_truncated_context(model_dir, tmp_path):
     out = tmp_path / "beam.json"
-    result = _run(GENERATE, "--model", model_dir, "--context", "さくら" * 10, "--beam_width", "3",
-                  "--num_generate", "2", "--max_generate", "5", "--truncate", "left",
-                  "--output", out)
+    result = _run(GENERATE, "--model", model_dir, "--context", "さくら" * 10, "--decoder", "beam",
+                  "--beam_width", "3", "--num_generate", "2", "--max_generate", "5",
+                  "--truncate", "left", "--output", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text(encoding="utf-8"))
     scores = [g["score"] for g in data["generations"]]
     assert len(scores) == 2 and scores[0] >= scores[1]
     assert data["truncated_tokens"] > 0 and len(data["prompt_tokens"]) + 5 - 1 <= 24
     assert _streamed(result.stdout) == [g["text"] for g in data["generations"]]
+    assert result.stdout.count("====[start generate]====") == 2  # HEAD: one per printed row
 
 
 def test_languagemodel_fills_masks_and_extracts_vectors(model_dir, tmp_path):
@@ -91,7 +104,7 @@ def test_languagemodel_fills_masks_and_extracts_vectors(model_dir, tmp_path):
     assert set(data) >= {"output_text", "output_tokens", "output_scores", "output_vector",
                          "input_text", "input_tokens"}
     encoder, config = gen.open_model_files(model_dir)
-    special = gen.SpecialTokens.from_encoder(encoder)
+    special = SpecialTokens.from_encoder(encoder)
     tokens = data["input_tokens"]
     assert tokens[0] == special.sot and tokens.count(special.msk) == 1
     assert data["input_text"] == "織田[MASK]は武将"
@@ -101,7 +114,8 @@ def test_languagemodel_fills_masks_and_extracts_vectors(model_dir, tmp_path):
     assert len(data["output_vector"]) == layers * d
 
     predictor = gen.open_predictor(model_dir)
-    forward = predictor.forward(np.array([tokens]), num_precontext=len(tokens))
+    # HEAD: every token but the last is bidirectional
+    forward = predictor.forward(np.array([tokens]), num_precontext=len(tokens) - 1)
     expected = np.stack([h[0, 2] for h in forward["hidden_states"]])  # [layers, d]
     np.testing.assert_allclose(np.reshape(data["output_vector"], (layers, d)), expected,
                                atol=1e-5)
@@ -109,9 +123,9 @@ def test_languagemodel_fills_masks_and_extracts_vectors(model_dir, tmp_path):
     assert all_vectors.shape == (len(tokens), layers, d)
     np.testing.assert_allclose(all_vectors[2], expected, atol=1e-5)
     logits = forward["logits"][0]
-    plain = [i for i in range(len(tokens) - 1) if tokens[i + 1] != special.msk]
-    np.testing.assert_allclose([data["output_scores"][i] for i in plain],
-                               [logits[i, tokens[i + 1]] for i in plain], atol=1e-4)
+    np.testing.assert_allclose(data["output_scores"],
+                               [logits[i, tokens[i + 1]] for i in range(len(tokens) - 1)],
+                               atol=1e-4)  # HEAD: the logit of the MSK id at a mask
 
 
 def test_languagemodel_with_a_spout(model_dir, tmp_path):
@@ -121,15 +135,15 @@ def test_languagemodel_with_a_spout(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text(encoding="utf-8"))
     _, config = gen.open_model_files(model_dir)
-    spout = gen.parse_spout("1", config.model.num_spout)
+    spout = prompts.parse_spout("1", config.model.num_spout)
     tokens = data["input_tokens"]
     predictor = gen.open_predictor(model_dir)
-    # the spout slot is part of the bidirectional prefix: num_precontext = 1 + tokens
-    forward = predictor.forward(np.array([tokens]), num_precontext=len(tokens) + 1, spout=spout)
+    # the spout slot counts as a memory slot: every slot but the last token's is bidirectional
+    forward = predictor.forward(np.array([tokens]), num_precontext=len(tokens), spout=spout)
     expected = np.stack([h[0, -1] for h in forward["hidden_states"]])  # [layers, d]
     np.testing.assert_allclose(np.reshape(data["output_vector"], expected.shape), expected,
                                atol=1e-5)
-    plain = predictor.forward(np.array([tokens]), num_precontext=len(tokens))
+    plain = predictor.forward(np.array([tokens]), num_precontext=len(tokens) - 1)
     assert np.abs(plain["hidden_states"][-1][0, -1] - expected[-1]).max() > 1e-3
     assert data["spout"] == "1"
 
@@ -146,10 +160,10 @@ def test_model_dir_in_a_bucket_generates_the_same(model_dir):
     results = []
     for where in (model_dir, bucket):
         encoder, config = gen.open_model_files(where)
-        special = gen.SpecialTokens.from_encoder(encoder)
-        prompt = gen.build_prompt(special, encoder.encode("織田信長は"),
-                                  max_length=config.model.num_contexts)
-        settings = gen.GenerationSettings(max_generate=5, top_k=1)
+        special = SpecialTokens.from_encoder(encoder)
+        prompt = prompts.build_prompt(special, encoder.encode("織田信長は"),
+                                      max_length=config.model.num_contexts)
+        settings = gen.GenerationSettings(max_generate=5, top_k=1, beam_width=1)
         results.append(gen.generate(gen.open_predictor(where), prompt, special, settings)[0])
     assert results[0].model_tokens == results[1].model_tokens
 
@@ -165,7 +179,6 @@ def _bad(script, *args):
 def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
     out = tmp_path / "never.json"
     base = ["--model", model_dir, "--output", out]
-    assert "empty" in _bad(GENERATE, *base, "--context", "")
     assert "at most 24" in _bad(GENERATE, *base, "--context", "あい" * 15)
     assert "unknown spout class" in _bad(GENERATE, *base, "--context", "あ", "--spout", "-1")
     assert "unknown spout" in _bad(GENERATE, *base, "--context", "あ", "--spout", "banana")
@@ -174,7 +187,6 @@ def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
     assert "top_k" in _bad(GENERATE, *base, "--context", "あ", "--top_k", "-1")
     assert "invalid int" in _bad(GENERATE, *base, "--context", "あ", "--top_k", "abc")
     assert "out of range" in _bad(LANGUAGEMODEL, *base, "--context", "あい", "--pos_vector", "9")
-    assert "empty" in _bad(LANGUAGEMODEL, *base, "--context", "")
     assert "unknown spout" in _bad(LANGUAGEMODEL, *base, "--context", "あ", "--spout", "x")
     empty_dir = tmp_path / "not_a_model"
     empty_dir.mkdir()
@@ -195,7 +207,6 @@ def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
 def test_bench_generate_smoke(tmp_path):
     """The benchmark runs end to end (tiny config, few tokens): cached vs HF generate."""
     pytest.importorskip("transformers")
-    pytest.importorskip("gptsan.inference", reason="gptsan/inference.py (H3) not present yet")
     out = tmp_path / "bench.json"
     result = _run(os.path.join(ROOT, "scripts", "bench_generate.py"), "--config",
                   os.path.join(ROOT, "configs", "tiny.json"), "--new_tokens", "8",

@@ -57,7 +57,7 @@ def next_sentence_end(ex, sp=SPECIAL):
 
 
 def check_example(ex, options, sp=SPECIAL):
-    """The schema rules of DESIGN.md "Training data" for one example."""
+    """The schema rules of docs/ARCHITECTURE.md "Training data" for one example."""
     ctx = options.num_context
     x, y, n = ex.x, ex.y, ex.num_input
     assert x.shape == y.shape == (ctx,) and x.dtype == y.dtype == np.int32

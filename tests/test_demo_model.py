@@ -71,12 +71,14 @@ def demo():
 
     encoder, config = gen.open_model_files(MODEL_DIR)
     predictor = gen.open_predictor(MODEL_DIR, batch_size=1)
-    return encoder, config, gen.SpecialTokens.from_encoder(encoder), predictor
+    from gptsan.data import SpecialTokens
+
+    return encoder, config, SpecialTokens.from_encoder(encoder), predictor
 
 
 def test_model_size_and_contents():
     files = os.listdir(MODEL_DIR)
-    for name in ("parameters.json", "checkpoint", "ja-swe36k.txt", "emoji.json", "README.md"):
+    for name in ("parameters.json", "checkpoint", "ja-swe8k-demo.txt", "emoji.json", "README.md"):
         assert name in files
     total = sum(os.path.getsize(os.path.join(MODEL_DIR, f)) for f in files)
     assert total <= MAX_MODEL_BYTES
@@ -92,12 +94,14 @@ def test_model_size_and_contents():
 def test_generated_text_is_japanese(demo):
     encoder, config, special, predictor = demo
     from gptsan import generation as gen
+    from gptsan.prompts import build_prompt
 
     texts = []
     for i, context in enumerate(PROMPTS):
-        settings = gen.GenerationSettings(max_generate=GENERATE_TOKENS, top_k=40, seed=i)
-        prompt = gen.build_prompt(special, encoder.encode(context), (), None,
-                                  config.model.num_contexts, GENERATE_TOKENS)
+        settings = gen.GenerationSettings(decoder="sample", beam_width=1,
+                                          max_generate=GENERATE_TOKENS, top_k=40, seed=i)
+        prompt = build_prompt(special, encoder.encode(context), (), None,
+                              config.model.num_contexts, GENERATE_TOKENS, as_training=True)
         texts.append(encoder.decode(gen.generate(predictor, prompt, special, settings)[0].tokens))
     share, count = japanese_share("".join(texts))
     assert count >= len(PROMPTS) * 20, texts  # really generated something
@@ -126,7 +130,7 @@ def test_mask_fill_beats_chance(demo):
     (always answering the most common masked token) is computed and must be beaten too.
     """
     encoder, config, special, predictor = demo
-    from gptsan import generation as gen
+    from gptsan import fill_mask as fm
 
     sentences = sample_sentences(encoder, special)
     rng = np.random.default_rng(0)
@@ -138,7 +142,8 @@ def test_mask_fill_beats_chance(demo):
                       and encoder.decode([ids[p]]).strip() not in ("", "、", "。")]
         pos = int(rng.choice(candidates))
         inputs = [special.sot] + ids[:pos] + [special.msk] + ids[pos + 1:]
-        result = gen.fill_mask(predictor, special, inputs)
+        precontext = fm.num_precontext(len(inputs), 0, bidirectional=True)  # HEAD's rules
+        result = fm.fill_mask(predictor, special, inputs, precontext)
         hits += result.output_tokens[pos] == ids[pos]  # output i is input position i + 1
         targets.append(ids[pos])
     accuracy = hits / NUM_MASKS
@@ -154,11 +159,12 @@ def test_make_demo_script_runs():
                             text=True, timeout=DEMO_TIMEOUT)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for label in ("Tokenizer", "Text generation from a prompt", "spout", "Hybrid generation",
+    for label in ("Tokenizer", "published defaults", "Text generation from a prompt", "spout",
+                  "Hybrid generation",
                   "[MASK] filling", "hidden-vector dump"):
         assert label in out, label
     assert "$ python run_generate.py --model models/demo" in out
     assert "$ python run_languagemodel.py --model models/demo" in out
-    assert out.count("====[end generate]====") == 4
+    assert out.count("====[end generate]====") >= 4 + 4  # 4 published rows, then 4 streams
     assert "vector_shape (layers, d_model): [3, 128]" in out
     assert time.time() - start < DEMO_TIMEOUT

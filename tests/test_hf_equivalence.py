@@ -3,7 +3,8 @@
 A random tiny HF model is converted with `gptsan.checkpoint` and run through `Predictor`:
 logits agree to 1e-5 x max |logit|, greedy tokens and expert choices are identical, in
 every mode (LM, Prefix-LM, batch, spout, incremental). Where HF differs from the published
-model (FORWARD.md section 3) the published behaviour is checked explicitly.
+model (docs/ARCHITECTURE.md "Differences from the HF port") the published behaviour is checked
+explicitly.
 """
 import types
 
@@ -65,7 +66,8 @@ def test_hidden_states_of_every_layer(hf_tiny, tiny_predictor, ids):
     ete = hf_tiny.hf.model.extra_position_embeddings.weight.detach().numpy()
     for layer, (mine, theirs) in enumerate(zip(ours, hidden)):
         if layer == num_switch - 1:
-            # HF adds ete[pos] in place to the tensor it already returned (FORWARD.md 3.8).
+            # HF adds ete[pos] in place to the tensor it already returned
+            # (docs/ARCHITECTURE.md "Differences from the HF port": hidden states).
             mine = mine + ete[:ids.shape[1]]
         np.testing.assert_allclose(mine, theirs, atol=2e-5 * np.abs(theirs).max())
 
@@ -85,7 +87,8 @@ def test_prefix_lm(hf_tiny, tiny_predictor, ids):
 def test_spout(hf_tiny, tiny_predictor, ids, spout):
     ours = tiny_predictor.forward(ids, spout=spout)
     assert_drop_free(ours)
-    # HF needs an explicit attention_mask with a spout (FORWARD.md 3.2).
+    # HF needs an explicit attention_mask with a spout
+    # (docs/ARCHITECTURE.md "Differences from the HF port": padding).
     logits, _, choices = run_hf(hf_tiny.hf, ids, spout=spout,
                                 attention_mask=np.ones(ids.shape, np.float32))
     assert_logits_match(ours["logits"], logits)

@@ -48,7 +48,8 @@ def test_every_config_builds_with_the_published_shapes(path):
 
 
 def test_variable_table_agrees_with_the_converter():
-    checkpoint = pytest.importorskip("gptsan.checkpoint")
+    from gptsan import checkpoint
+
     config = GPTSANConfig.from_json_file(os.path.join(ROOT, "configs", "tiny.json")).model
     expected = {name: list(shape) for name, shape in
                 checkpoint.expected_variable_shapes(config).items()}

@@ -10,7 +10,7 @@ from gptsan.config import TrainConfig
 from gptsan.errors import GPTSANError
 from gptsan import optimization
 
-# name -> shape: one of each kind of variable the model has (DESIGN.md checkpoint names)
+# name -> shape: one of each kind of variable (docs/ARCHITECTURE.md "Checkpoint names")
 TOY_VARIABLES = {
     "model/wte": [6, 4],
     "model/wob": [6],

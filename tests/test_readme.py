@@ -1,8 +1,10 @@
 """Every command in README.md runs as written.
 
 Commands that need only this repository (the demo model, the sample corpus) are run in README
-order; commands that need a TPU, a GPU, a bucket or the 2.8B checkpoint are parsed with `--help`.
-`make` lines are the quickstart itself or `make vocab`, which tests/test_vocab_builder.py covers.
+order; commands that need a TPU, a GPU, a bucket or the 2.8B checkpoint are parsed with `--help`;
+commands that read Debian data (SYSTEM_DATA) run in their own test, which skips with the reason
+where the data is absent. `make` lines are the quickstart itself or `make vocab`, which
+tests/test_vocab_builder.py covers. The demo model models/demo is committed: its absence fails.
 """
 import os
 import re
@@ -11,7 +13,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
+from conftest import require_debian_data
+from gptsan.vocab_builder import DEFAULT_UNICODE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Markers of commands that need resources this machine doesn't have: run with --help only.
@@ -19,6 +22,9 @@ HELP_ONLY_MARKERS = ("gs://", "TPU_NAME", "GPTSAN-japanese", "models/gptsan-", "
 OUTPUTS = ("/tmp/gptsan_hybrid_0000.tfrecord", "/tmp/gptsan_tiny", "/tmp/gptsan_vector.json",
            "/tmp/ja-swe8k.txt", "/tmp/emoji8k.json", "/tmp/gptsan_sample.npz")
 COMMAND_TIMEOUT_S = 300
+# README commands that read system data files: marker -> (paths, the Debian packages with them).
+SYSTEM_DATA = {"scripts/build_vocab.py": (os.path.join(DEFAULT_UNICODE_DIR, "emoji"),
+                                          "unicode-data")}
 
 
 def readme_commands():
@@ -52,20 +58,39 @@ def test_readme_flag_table_matches_the_clis():
         "README flag table is stale: python scripts/readme_flags.py and paste it")
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "models", "demo")),
-                    reason="models/demo is not built (make demo-model)")
+def system_data(command):
+    """(paths, Debian packages) of the system data a README command reads, or None."""
+    return next((need for marker, need in SYSTEM_DATA.items() if marker in command), None)
+
+
+def run_readme_command(command):
+    argv = shlex.split(command)
+    argv[0] = sys.executable
+    if any(marker in command for marker in HELP_ONLY_MARKERS):
+        argv = argv[:2] + ["--help"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                            timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, command
+
+
 def test_every_readme_command_runs():
+    """Every README command in order, except those reading Debian data (next test)."""
     for path in OUTPUTS:
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
     for command in readme_commands():
-        argv = shlex.split(command)
-        argv[0] = sys.executable
-        if any(marker in command for marker in HELP_ONLY_MARKERS):
-            argv = argv[:2] + ["--help"]
-        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                                timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
-        assert "Traceback" not in result.stderr, command
+        if system_data(command) is None:
+            run_readme_command(command)
+
+
+def test_readme_commands_reading_debian_data_run():
+    """The commands that read Debian's data files: skipped with the reason where the data is
+    absent (`make vocab-data` installs it; .ci/run does, and makes absence an error)."""
+    commands = [c for c in readme_commands() if system_data(c) is not None]
+    assert commands, "SYSTEM_DATA matches no README command: update it"
+    for command in commands:
+        require_debian_data(*system_data(command))
+        run_readme_command(command)

@@ -7,6 +7,7 @@ Training runs happen in this process (TF is already loaded) except the one that 
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from gptsan.errors import GPTSANError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample")
 VOCAB = os.path.join(ROOT, "ja-swe36k.txt")
+EMOJI = os.path.join(ROOT, "emoji.json")
 NUM_CONTEXT = 64  # short contexts keep the CPU steps fast
 STEPS = 120  # training steps of the loss tests
 CHECKPOINT_STEPS = 10
@@ -84,7 +86,7 @@ def work(tmp_path_factory):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tfrecord.py"),
                         "--input_files", os.path.join(SAMPLE, "classes.csv"), "--mode", mode,
                         "--num_context", str(NUM_CONTEXT), "--output_prefix", prefix,
-                        "--seed", "0", "--num_process", "1"],
+                        "--seed", "0", "--num_process", "1", "--vocabulary", VOCAB],
                        check=True, capture_output=True)
         records[mode] = prefix + "_*.tfrecord"
     return {"base": base, "params": params, "records": records, "trained": {}}
@@ -196,7 +198,8 @@ def test_first_step_of_the_published_warm_up_has_learning_rate_zero(work, tmp_pa
 
 def vocabulary_test_files(work, tmp_path, num_vocabulary):
     """(parameter file with model_params.num_vocabulary set, or removed when None; the project
-    vocabulary plus one entry)."""
+    vocabulary plus one entry; a glob of copies of the lm TFRecords without their vocabulary
+    record, so only sizes and shapes can be compared)."""
     with open(work["params"], encoding="utf-8") as f:
         config = json.load(f)
     config["model_params"]["num_vocabulary"] = num_vocabulary
@@ -207,18 +210,21 @@ def vocabulary_test_files(work, tmp_path, num_vocabulary):
     vocab = tmp_path / "vocab.txt"
     with open(VOCAB, encoding="utf-8") as f:
         vocab.write_text(f.read() + "\n<|extra|>", encoding="utf-8")
-    return params, vocab
+    for shard in glob.glob(work["records"]["lm"]):
+        shutil.copy(shard, tmp_path / os.path.basename(shard))
+    return params, vocab, str(tmp_path / os.path.basename(work["records"]["lm"]))
 
 
 def test_num_vocabulary_comes_from_the_vocabulary_file(work, tmp_path):
     """A parameter file without model_params.num_vocabulary (like the published ones) takes it
     from --vocabulary; token ids of the records must fit it."""
-    params, vocab = vocabulary_test_files(work, tmp_path, None)
+    params, vocab, records = vocabulary_test_files(work, tmp_path, None)
     model_dir = str(tmp_path / "bigger")
     args = common_args(work, "lm", model_dir, steps=1)
     args[args.index("--parameter_file") + 1] = str(params)
+    args[args.index("--input_files") + 1] = records
     args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
-    run_train(*args, "--vocabulary", str(vocab))
+    run_train(*args, "--vocabulary", str(vocab), "--emoji", EMOJI)
     with open(os.path.join(model_dir, "parameters.json"), encoding="utf-8") as f:
         assert json.load(f)["model_params"]["num_vocabulary"] == 36001
     assert read_variables(model_dir)["model/wob"].shape == (36001,)
@@ -227,7 +233,7 @@ def test_num_vocabulary_comes_from_the_vocabulary_file(work, tmp_path):
     small.write_text("\n".join(["a", "b", "c"]), encoding="utf-8")
     args[args.index("--model_dir") + 1] = str(tmp_path / "never")
     with pytest.raises(GPTSANError, match="hold token id .* num_vocabulary=3"):
-        cli.main(args + ["--vocabulary", str(small)])
+        cli.main(args + ["--vocabulary", str(small), "--emoji", EMOJI])
     assert not os.path.exists(tmp_path / "never")
 
 
@@ -374,6 +380,13 @@ def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
         assert not np.array_equal(before[name], after[name]), f"{name} did not train"
         assert f"{name}/adam_m" in after
     assert after["global_step"] == 3
+    # every directory of the chain records the project vocabulary it was trained with
+    from gptsan.config import GPTSANConfig
+    from gptsan.fingerprint import PROJECT_VOCAB_SHA256
+
+    for model_dir in (source_dir, extended, tuned):
+        record = GPTSANConfig.from_json_file(model_dir).vocabulary
+        assert (record.vocab_file, record.vocab_sha256) == ("ja-swe36k.txt", PROJECT_VOCAB_SHA256)
     # resuming that run without its freeze list would need optimizer state it never had
     import run_train as cli
     with pytest.raises(GPTSANError, match="no optimizer state for model/"):
@@ -411,7 +424,8 @@ def bad_input_cases(work, tmp_path):
     short = str(tmp_path / "short")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tfrecord.py"),
                     "--input_files", os.path.join(SAMPLE, "news_01.txt"), "--mode", "lm",
-                    "--num_context", "32", "--output_prefix", short, "--num_process", "1"],
+                    "--num_context", "32", "--output_prefix", short, "--num_process", "1",
+                    "--vocabulary", VOCAB],
                    check=True, capture_output=True)
     garbage, not_examples = tmp_path / "garbage.tfrecord", str(tmp_path / "text.tfrecord")
     garbage.write_bytes(b"not a tfrecord")
@@ -422,7 +436,8 @@ def bad_input_cases(work, tmp_path):
         ([], {"--input_files": str(garbage)}, "not a readable TFRecord file"),
         ([], {"--input_files": not_examples}, "not tf.train.Examples"),
         ([], {"--input_files": short + "_*.tfrecord"}, "num_context"),
-        (["--vocabulary", str(small_vocab)], {}, "3 entries"),
+        (["--vocabulary", str(small_vocab), "--emoji", EMOJI], {},
+         "not " + VOCAB),  # not the vocabulary of the TFRecords
         (["--ignore_parameters", str(unknown)], {}, "model/att9/qkv/kernel"),
         ([], {"--mesh_shape": "batch:3,model:1"}, "not divisible by the mesh batch size"),
         ([], {"--mesh_shape": "batch:1,model:3"}, "model-parallel size 3"),
@@ -452,18 +467,31 @@ def test_checkpoint_mismatches_are_refused(work, tmp_path):
     import run_train as cli
 
     source_dir, _ = trained(work, "lm")
-    # the vocabulary of the config/vocabulary file differs from the checkpoint's
-    params, vocab = vocabulary_test_files(work, tmp_path, 36001)
+    # a bigger vocabulary than the checkpoint's: a bare checkpoint (no parameters.json, nothing
+    # recorded) and TFRecords without a vocabulary record leave only the shapes to compare
+    params, vocab, records = vocabulary_test_files(work, tmp_path, 36001)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(source_dir):
+        if name == "checkpoint" or name.startswith("model.ckpt-"):
+            shutil.copy(os.path.join(source_dir, name), bare / name)
     model_dir = str(tmp_path / "never")
     args = common_args(work, "lm", model_dir)
     args[args.index("--parameter_file") + 1] = str(params)
+    args[args.index("--input_files") + 1] = records
     with pytest.raises(GPTSANError, match="vocabulary size differs"):
-        cli.main(args + ["--vocabulary", str(vocab), "--init_checkpoint", source_dir])
+        cli.main(args + ["--vocabulary", str(vocab), "--emoji", EMOJI, "--init_checkpoint",
+                         str(bare)])
     assert not os.path.exists(model_dir)
     # resuming into a directory that holds another model / a model without training state
-    with pytest.raises(GPTSANError, match="vocabulary size differs|different model"):
-        cli.main(common_args(work, "lm", source_dir)[:1] + [str(params)] +
-                 common_args(work, "lm", source_dir)[2:] + ["--vocabulary", str(vocab)])
+    config = json.loads(params.read_text(encoding="utf-8"))
+    config["model_params"].update(num_vocabulary=config["model_params"]["num_vocabulary"] - 1,
+                                  num_experts=2)
+    params.write_text(json.dumps(config), encoding="utf-8")
+    args = common_args(work, "lm", source_dir)
+    args[args.index("--parameter_file") + 1] = str(params)
+    with pytest.raises(GPTSANError, match="different model"):
+        cli.main(args)
     from gptsan.checkpoint import add_layers_to_model_dir
     extended = str(tmp_path / "extended")
     add_layers_to_model_dir(source_dir, extended, 1)

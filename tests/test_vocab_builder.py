@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import require_debian_data
 from gptsan import vocab_builder
 from gptsan.errors import GPTSANError
 from gptsan.tokenization import (CONTROL_TOKENS, SPECIAL_TOKENS, SWEEncoder, check_emoji_table,
@@ -17,9 +18,7 @@ VOCAB = os.path.join(ROOT, "ja-swe36k.txt")
 EMOJI = os.path.join(ROOT, "emoji.json")
 REFERENCE = os.path.join(ROOT, "..", "shared", "reference")
 SMALL_WORDS = 30000  # wordfreq words in the small-sample build
-HAVE_UNICODE = os.path.exists(os.path.join(vocab_builder.DEFAULT_UNICODE_DIR, "emoji"))
-needs_unicode = pytest.mark.skipif(not HAVE_UNICODE, reason="Debian unicode-data not installed "
-                                   "(apt-get install unicode-data, or `make vocab`)")
+UNICODE_DATA = os.path.join(vocab_builder.DEFAULT_UNICODE_DIR, "emoji")  # Debian unicode-data
 # Real prose (written for this test): a paragraph of plain modern Japanese.
 PROSE = ("昨日は朝から雨が降っていたので、私は一日中家で本を読んで過ごしました。"
          "午後になると雨が止んで、近くの公園まで散歩に出かけることにしました。"
@@ -110,8 +109,7 @@ def small_words():
 
 @pytest.fixture(scope="module")
 def udata():
-    if not HAVE_UNICODE:
-        pytest.skip("Debian unicode-data not installed (apt-get install unicode-data)")
+    require_debian_data(UNICODE_DATA, "unicode-data")
     return vocab_builder.UnicodeData()
 
 
@@ -206,13 +204,14 @@ def test_markup_is_stripped(tmp_path):
 
 
 MAKE_VOCAB_DEBS = ("manpages-ja", "manpages-ja-dev")  # the corpus of `make vocab`
+MAN_JA = ("/usr/share/man/ja/man1", "/usr/share/man/ja/man3")  # manpages-ja, manpages-ja-dev
 
 
 def make_vocab_corpus(directory):
     """The corpus folder `make vocab` builds: links to the Japanese man pages of MAKE_VOCAB_DEBS."""
+    require_debian_data(MAN_JA, " and ".join(MAKE_VOCAB_DEBS))
     listed = subprocess.run(["dpkg", "-L", *MAKE_VOCAB_DEBS], capture_output=True, text=True)
-    if listed.returncode != 0:
-        pytest.skip(f"{' '.join(MAKE_VOCAB_DEBS)} not installed (`make vocab` installs them)")
+    assert listed.returncode == 0, listed.stderr
     pages = sorted(p for p in listed.stdout.split("\n")
                    if p.startswith("/usr/share/man/ja/") and p.endswith(".gz"))
     for page in pages:
