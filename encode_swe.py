@@ -1,16 +1,19 @@
 """Encodes a corpus of UTF-8 `.txt` files into a compressed `.npz` of token arrays.
 
 The published `encode_swe.py` CLI and its flags: the files are concatenated, each followed by
-`<|endoftext|>`, and cut into one array whenever the text reaches `--combine` characters.
+`<|endoftext|>`, and cut into one array whenever the text reaches `--combine` characters;
+the arrays are int64 as published (`--dtype int32` halves the file).
 `SWEEncoder_ja(bpe_lines, emoji_dict)` stays available for old scripts.
 
     python encode_swe.py --src_dir DIR_OR_GLOB --dst_file corpus.npz [--clean_text]
         --vocabulary ja-swe36k.txt [--emoji emoji.json] [--num_process 8] [--combine 50000]
+        [--dtype int64]
 
 Differences from the published script: files are read in sorted path order (the output does
 not depend on the number of processes); a file that cannot be read or is not UTF-8 is reported
-on stderr and skipped; `--clean_text` applies to every array (the published script forgot it
-for the last array of each process); arrays are int32; the output is written atomically.
+on stderr and skipped; arrays are cut by `--combine` only (the published script also ends one
+at the end of every directory, without `--clean_text`, and keeps its text, which is encoded
+again at the start of the next array); the output is written atomically.
 """
 import glob
 import os
@@ -28,6 +31,7 @@ from gptsan.tokenization import (CONTROL_TOKENS, SWEEncoder, read_emoji_file,
 END_OF_TEXT = CONTROL_TOKENS[-1]  # appended after every file, as published
 DEFAULT_COMBINE = 50000  # published default: minimum characters per array
 DEFAULT_NUM_PROCESS = 8  # published default
+TOKEN_DTYPES = ("int64", "int32")  # first: published (np.stack of Python ints)
 
 
 class SWEEncoder_ja(SWEEncoder):  # noqa: N801 (the published name)
@@ -94,20 +98,21 @@ def combine_files(paths, combine, on_skip):
 _worker_encoder = None
 
 
-def _init_worker(vocab_lines, emoji, clean, encoder=None):
+def _init_worker(vocab_lines, emoji, clean, dtype, encoder=None):
     global _worker_encoder
-    _worker_encoder = (encoder or SWEEncoder(vocab_lines, emoji), clean)
+    _worker_encoder = (encoder or SWEEncoder(vocab_lines, emoji), clean, dtype)
 
 
 def _encode_chunk(item):
     text, count = item
-    encoder, clean = _worker_encoder
-    return np.asarray(encoder.encode(text, clean=clean), dtype=np.int32), count
+    encoder, clean, dtype = _worker_encoder
+    return np.asarray(encoder.encode(text, clean=clean), dtype=dtype), count
 
 
 def encode_corpus(paths, vocab_lines, emoji, clean=False, combine=DEFAULT_COMBINE,
-                  num_process=DEFAULT_NUM_PROCESS, on_skip=None, encoder=None):
-    """Token arrays (int32) of the files, combined as the published script does; `encoder`
+                  num_process=DEFAULT_NUM_PROCESS, on_skip=None, encoder=None,
+                  dtype=TOKEN_DTYPES[0]):
+    """Token arrays (`dtype`) of the files, combined as the published script does; `encoder`
     (built from the vocabulary) saves building one again when `num_process` is 1.
 
     Returns (arrays, skipped) where skipped lists (path, reason) of files left out.
@@ -123,12 +128,12 @@ def encode_corpus(paths, vocab_lines, emoji, clean=False, combine=DEFAULT_COMBIN
     arrays = []
     with tqdm(total=len(paths), unit="file", desc="encode") as bar:
         if num_process <= 1:
-            _init_worker(vocab_lines, emoji, clean, encoder)
+            _init_worker(vocab_lines, emoji, clean, dtype, encoder)
             for array, count in map(_encode_chunk, chunks):
                 arrays.append(array)
                 bar.update(count)
         else:
-            with Pool(num_process, _init_worker, (vocab_lines, emoji, clean)) as pool:
+            with Pool(num_process, _init_worker, (vocab_lines, emoji, clean, dtype)) as pool:
                 for array, count in pool.imap(_encode_chunk, chunks):
                     arrays.append(array)
                     bar.update(count)
@@ -168,6 +173,9 @@ def main(argv=None):
                              "minimum size (characters)")
     parser.add_argument("--clean_text", action="store_true",
                         help="replace URLs, e-mails, phone numbers, dates, prices by placeholders")
+    parser.add_argument("--dtype", choices=TOKEN_DTYPES, default=TOKEN_DTYPES[0],
+                        help="integer type of the arrays (int64 as published; int32 halves "
+                             "the file)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --dst_file")
     parser.add_argument("--tmp_dir", help="accepted for old command lines; unused (no temp folder)")
     parser.add_argument("--tmpsilze", type=int, help="accepted for old command lines; unused")
@@ -190,7 +198,7 @@ def main(argv=None):
 
     arrays, skipped = encode_corpus(paths, vocab_lines, emoji, clean=args.clean_text,
                                     combine=args.combine, num_process=args.num_process,
-                                    on_skip=report_skip, encoder=encoder)
+                                    on_skip=report_skip, encoder=encoder, dtype=args.dtype)
     if not arrays:
         raise GPTSANError(f"none of the {len(paths)} files could be read; nothing written")
     save_npz_atomic(dst, arrays, force=args.force)

@@ -17,6 +17,7 @@ import dataclasses
 import sys
 
 from gptsan import fileio
+from gptsan.config import PUBLISHED_CLIP_NORM
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 
@@ -34,14 +35,15 @@ def parse_args(argv):
     parser.add_argument("--tpu_nodes", default="", help="TPU name/address (train on TPU)")
     parser.add_argument("--use_bfloat16", action="store_true", help="bfloat16 activations")
     parser.add_argument("--use_mixed_precision", action="store_true",
-                        help="float16 activations with loss scaling (GPU)")
+                        help="float16 activations with the published fixed loss scale 2^9 (GPU)")
     parser.add_argument("--clip_gradients", action="store_true",
-                        help="clip gradients to global norm 1.0 (fine-tuning)")
+                        help="clip the gradients to global norm --clip_norm (fine-tuning)")
     parser.add_argument("--ignore_parameters", default="",
                         help="JSON list of variable names to freeze (ignore-params.json)")
     parser.add_argument("--max_training_step", type=int, default=-1,
                         help="stop at this global step (<= 0: train_params.max_training_step, "
-                             "or forever)")
+                             "or forever; the published script trained in runs of "
+                             "100 x checkpoint_per_steps steps)")
     # new flags
     parser.add_argument("--model_dir", default="",
                         help="output model directory (default: train_params.output_dir)")
@@ -57,7 +59,17 @@ def parse_args(argv):
     parser.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="float32",
                         help="storage of the --ignore_parameters variables: bfloat16 halves the "
                              "frozen backbone's memory (computation stays in the activation dtype)")
-    parser.add_argument("--optimizer", choices=("adam", "adafactor"), default=None)
+    parser.add_argument("--optimizer", choices=("adam", "adafactor"), default=None,
+                        help="override train_params.optimizer (default adam: the published AdamW)")
+    parser.add_argument("--clip_norm", type=float, default=PUBLISHED_CLIP_NORM,
+                        help="threshold of --clip_gradients (published 0.01; 1.0 in the first "
+                             "published version); with the fixed float16 loss scale it bounds "
+                             "the scaled gradients, i.e. the true ones at clip_norm / 512, "
+                             "as published")
+    parser.add_argument("--dynamic_loss_scale", action="store_true",
+                        help="with --use_mixed_precision (adam): an adaptive loss scale from "
+                             "2^15 (an overflowing step is skipped and the scale halved) "
+                             "instead of the fixed 2^9")
     parser.add_argument("--batch_size", type=int, default=0, help="override train_params")
     parser.add_argument("--seed", type=int, default=None, help="override train_params.seed")
     parser.add_argument("--summary_steps", type=int, default=100,
@@ -67,7 +79,10 @@ def parse_args(argv):
 
 
 def load_config(args):
-    """The run's GPTSANConfig: --parameter_file, else the model dir's, else --init_checkpoint's."""
+    """The run's GPTSANConfig: --parameter_file, else the model dir's, else --init_checkpoint's.
+
+    Returns (config, whether the file sets model_params.num_vocabulary).
+    """
     from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 
     candidates = [args.parameter_file] if args.parameter_file else [
@@ -87,12 +102,14 @@ def load_config(args):
     if not model_dir:
         raise GPTSANError("no output directory: pass --model_dir (or set train_params.output_dir)")
     overrides["output_dir"] = fileio.absolute(model_dir)
-    return dataclasses.replace(config, train=dataclasses.replace(train, **overrides))
+    sets_vocabulary = "num_vocabulary" in fileio.read_json(path, "config file")["model_params"]
+    return dataclasses.replace(config, train=dataclasses.replace(train, **overrides)), \
+        sets_vocabulary
 
 
 def main(argv=None):
     args = parse_args(argv)
-    config = load_config(args)
+    config, sets_vocabulary = load_config(args)
     from gptsan import estimator, fingerprint, mesh as mesh_lib, optimization  # TF loads here
 
     model, train = config.model, config.train
@@ -111,6 +128,10 @@ def main(argv=None):
     use_tpu = bool(args.tpu_nodes)
     devices = None if use_tpu else estimator.select_devices(mesh, train.batch_size, model)
 
+    if args.dynamic_loss_scale and not (args.use_mixed_precision and train.optimizer == "adam"):
+        raise GPTSANError("--dynamic_loss_scale needs --use_mixed_precision and --optimizer adam")
+    if args.clip_norm <= 0:
+        raise GPTSANError(f"--clip_norm must be > 0, got {args.clip_norm}")
     record_files = estimator.find_input_files(args.input_files)
     estimator.check_records(record_files, model.num_contexts)  # the data's own errors first
     vocab, record = fingerprint.training_vocabulary(
@@ -118,6 +139,9 @@ def main(argv=None):
         args.parameter_file)
     fingerprint.announce(vocab)
     config = dataclasses.replace(config, vocabulary=record)
+    if not sets_vocabulary:  # as published: the vocabulary file gives num_vocabulary
+        model = dataclasses.replace(model, num_vocabulary=estimator.vocabulary_size(vocab.vocab))
+        config = dataclasses.replace(config, model=model)
     ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
               if args.ignore_parameters else [])
     if args.frozen_dtype != "float32" and not ignore:
@@ -127,14 +151,15 @@ def main(argv=None):
                           "--mesh_shape batch:1,model:1 (no TPU)")
     files, init_checkpoint = estimator.check_training_inputs(
         config, args.input_files, vocab.vocab, ignore, args.init_checkpoint, dtype,
-        args.frozen_dtype)
+        dynamic_loss_scale=args.dynamic_loss_scale, frozen_dtype=args.frozen_dtype)
 
     estimator.write_model_dir(config, vocab.vocab, vocab.emoji)
     from gptsan.records import input_fn_builder
 
     setup = estimator.TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,
                                  dtype=dtype, ignore_names=ignore,
-                                 clip_gradients=args.clip_gradients, seed=train.seed,
+                                 clip_gradients=args.clip_gradients, clip_norm=args.clip_norm,
+                                 dynamic_loss_scale=args.dynamic_loss_scale, seed=train.seed,
                                  devices=devices, use_tpu=use_tpu, init_checkpoint=init_checkpoint,
                                  frozen_dtype=args.frozen_dtype)
     input_fn = input_fn_builder(files, model.num_contexts, train.batch_size, True, train.seed)

@@ -26,6 +26,10 @@ VOCABULARY_SECTION = "vocabulary_params"  # new parameters.json section (Vocabul
 MOE_HIDDEN_FACTOR = 8  # published code hard-codes the expert width as 8 * num_hidden
 EXT_HIDDEN_FACTOR = 4  # published code hard-codes the extra-layer width as 4 * num_hidden
 TRAIN_MODES = ("lm", "mlm", "hybrid")
+PUBLISHED_WEIGHT_DECAY = 0.01  # published optimization.py: weight_decay_rate=0.01 (always on)
+# published exclude_from_weight_decay ["LayerNorm", "layer_norm", "bias"] (re.search on the name)
+PUBLISHED_NO_DECAY_PATTERN = "LayerNorm|layer_norm|bias"
+PUBLISHED_CLIP_NORM = 0.01  # published clip_by_global_norm(clip_norm=0.01); first version: 1.0
 
 
 @dataclasses.dataclass
@@ -100,7 +104,10 @@ class TrainConfig:
     checkpoint_per_hours: float = 1.0
     checkpoint_per_steps: int = 10000
     optimizer: str = "adam"  # adam | adafactor
-    weight_decay: float = 0.0
+    weight_decay: float = PUBLISHED_WEIGHT_DECAY  # AdamW decoupled weight decay rate
+    no_decay_pattern: str = PUBLISHED_NO_DECAY_PATTERN  # regex: matching variable names skip decay
+    adam_bias_correction: bool = False  # the published AdamW has none
+    warmup_from_one: bool = False  # published: warm-up lr = base_lr * step / warmup (0 at step 0)
     max_training_step: int = 0  # 0: no limit
     seed: int = 0
 
@@ -110,6 +117,12 @@ class TrainConfig:
                  f"optimizer must be adam or adafactor, got {self.optimizer!r}")
         _require(self.checkpoint_per_steps > 0,
                  f"checkpoint_per_steps must be > 0, got {self.checkpoint_per_steps}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        try:
+            re.compile(self.no_decay_pattern)
+        except re.error as err:
+            raise GPTSANError(f"no_decay_pattern {self.no_decay_pattern!r} is not a regular "
+                              f"expression: {err}") from None
 
 
 @dataclasses.dataclass
@@ -207,7 +220,7 @@ def _build(cls, values, source, section):
     for name, value in values.items():
         kind = known[name]
         expected = (int, float) if kind is float else kind
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, expected):
             raise GPTSANError(f"{source}: {section}.{name} must be {kind.__name__}, got {value!r}")
     return cls(**values)
 

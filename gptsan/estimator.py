@@ -3,8 +3,10 @@
 The graph of one step: TFRecord features -> mtf model (gptsan.modeling.build_model) ->
 cross entropy (z-loss) over targets != -1 + 1e-2 x load-balancing loss -> optimizer updates
 (gptsan.optimization) -> lowering on the mesh -> `control_dependencies(updates) ->
-assign_add(global_step, 1)`. Plain `tf.estimator.Estimator` with `PlacementMeshImpl` on CPU/GPU,
-`TPUEstimator` with `SimdMeshImpl` on TPU. Checkpoints hold the full master variables plus the
+assign_add(global_step, 1)`. The loss a run reports (progress bar, the Estimator's `loss`
+summary) is the cross entropy without the load-balancing term, as published. Plain
+`tf.estimator.Estimator` with `PlacementMeshImpl` on CPU/GPU, `TPUEstimator` with
+`SimdMeshImpl` on TPU. Checkpoints hold the full master variables plus the
 optimizer slots and `global_step`, so a killed run resumes where its last checkpoint left off.
 """
 import math
@@ -27,10 +29,12 @@ from gptsan.layers import softmax_cross_entropy
 from gptsan.spout import SPOUT_VECTORS, spout_vectors  # noqa: F401 (re-exported for run_train)
 
 Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
+LOSS_DENOMINATOR_EPSILON = 1e-5  # published: sum(mask * loss) / (sum(mask) + 1e-5)
 # published: loss += 1e-2 * the Switch load-balancing losses (docs/ARCHITECTURE.md "Training loss")
 AUX_LOSS_WEIGHT = 1e-2
 TPU_ITERATIONS_PER_LOOP = 100  # published TPUConfig(iterations_per_loop=100)
-LOSS_COLLECTION = "gptsan_train_loss"  # hooks find the loss tensor here
+LOSS_COLLECTION = "gptsan_train_loss"  # hooks find the reported loss tensor here
+OBJECTIVE_COLLECTION = "gptsan_train_objective"  # ... and the optimized total (NaN check)
 TOKENS_COLLECTION = "gptsan_tokens_per_step"
 
 
@@ -45,6 +49,7 @@ class TrainingDiverged(GPTSANError):
 def lm_loss(logits, targets, vocab_dim):
     """Mean softmax cross entropy (+ z-loss) over the positions whose target is not -1.
 
+    The published masked mean: sum(weights * loss) / (sum(weights) + 1e-5).
     logits: float mtf [batch, length, vocab]; targets: int32 mtf [batch, length] (-1 = no loss).
     Returns (loss, token_count) as float32 mtf scalars.
     """
@@ -53,7 +58,7 @@ def lm_loss(logits, targets, vocab_dim):
     per_token = softmax_cross_entropy(mtf.cast(logits, tf.float32), labels, vocab_dim,
                                       z_loss=Z_LOSS)  # [batch, length]
     count = mtf.reduce_sum(weights)
-    return mtf.reduce_sum(per_token * weights) / mtf.maximum(count, 1.0), count
+    return mtf.reduce_sum(per_token * weights) / (count + LOSS_DENOMINATOR_EPSILON), count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +110,8 @@ class TrainSetup:
 
     def __init__(self, config, mesh_shape, model_dir, spout_vector="none", dtype="float32",
                  ignore_names=(), clip_gradients=False, seed=0, devices=None, use_tpu=False,
-                 init_checkpoint=None, summaries=True, frozen_dtype="float32"):
+                 init_checkpoint=None, summaries=True, clip_norm=optimization.CLIP_NORM,
+                 dynamic_loss_scale=False, frozen_dtype="float32"):
         self.config = config  # GPTSANConfig (model + train)
         self.mesh_shape = mesh_lib.parse_mesh_shape(mesh_shape)
         self.model_dir = model_dir
@@ -113,6 +119,8 @@ class TrainSetup:
         self.dtype = dtype  # float32 | bfloat16 | float16 activations
         self.ignore_names = list(ignore_names)
         self.clip_gradients = clip_gradients
+        self.clip_norm = clip_norm  # global-norm threshold of clip_gradients
+        self.dynamic_loss_scale = dynamic_loss_scale  # float16: adaptive instead of fixed 2^9
         self.seed = seed
         self.devices = devices  # CPU/GPU device names, one per mesh position
         self.use_tpu = use_tpu
@@ -121,10 +129,10 @@ class TrainSetup:
         self.frozen_dtype = frozen_dtype  # storage of the frozen (ignored) variables
 
     def make_loss_scale(self):
-        """float16: a DynamicLossScale (adam) or the published fixed scale (adafactor); else 1."""
+        """float16: the published fixed scale 2^9, or a DynamicLossScale if asked; else 1."""
         if self.dtype != "float16":
             return 1.0
-        if self.config.train.optimizer == "adam":
+        if self.dynamic_loss_scale:
             return optimization.DynamicLossScale()
         return optimization.MIXED_PRECISION_LOSS_SCALE
 
@@ -190,11 +198,12 @@ def model_fn_builder(setup):
         loss_scale = setup.make_loss_scale()
         train_ops = optimization.build_train_ops(
             loss, setup.config.train, global_step, ignore_names=setup.ignore_names,
-            clip_gradients=setup.clip_gradients, loss_scale=loss_scale,
+            clip_gradients=setup.clip_gradients, clip_norm=setup.clip_norm, loss_scale=loss_scale,
             order_updates=not setup.use_tpu)
 
         lowering = mtf.Lowering(graph, {mesh: mesh_impl})
-        tf_loss = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
+        tf_loss = tf.cast(lowering.export_to_tf_tensor(cross_entropy), tf.float32)  # reported
+        tf_objective = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
         tf_update_ops = [lowering.lowered_operation(op) for op in train_ops.update_ops]
         if train_ops.finite is not None:
             tf_finite = lowering.export_to_tf_tensor(train_ops.finite)
@@ -205,11 +214,12 @@ def model_fn_builder(setup):
         with tf.control_dependencies(tf_update_ops):
             train_op = tf.assign_add(global_step, 1)
         tf.add_to_collection(LOSS_COLLECTION, tf_loss)
+        tf.add_to_collection(OBJECTIVE_COLLECTION, tf_objective)
         tf.add_to_collection(TOKENS_COLLECTION, tf.constant(batch_size * length, tf.int64))
 
         if setup.summaries:
-            _add_summaries(lowering, tf_loss, cross_entropy, aux_loss, token_count, train_ops,
-                           output)
+            _add_summaries(lowering, tf_objective, cross_entropy, aux_loss, token_count,
+                           train_ops, output)
         if frozen_storage != tf.float32:
             _delay_casts(train_ops.frozen, lowering)
         scaffold = None
@@ -240,10 +250,15 @@ def model_fn_builder(setup):
     return model_fn
 
 
-def _add_summaries(lowering, tf_loss, cross_entropy, aux_loss, token_count, train_ops, output):
-    """TensorBoard scalars: losses, learning rate, grad norm, per-layer router statistics."""
+def _add_summaries(lowering, tf_objective, cross_entropy, aux_loss, token_count, train_ops,
+                   output):
+    """TensorBoard scalars: losses, learning rate, grad norm, per-layer router statistics.
+
+    `loss/cross_entropy` is also the Estimator's own `loss` (the reported loss, as published);
+    `loss/total` adds the weighted load-balancing loss (the optimized objective).
+    """
     export = lowering.export_to_tf_tensor
-    tf.summary.scalar("loss/total", tf_loss)
+    tf.summary.scalar("loss/total", tf_objective)
     tf.summary.scalar("loss/cross_entropy", export(cross_entropy))
     tf.summary.scalar("loss/load_balancing", export(aux_loss))
     tf.summary.scalar("train/learning_rate", train_ops.learning_rate)
@@ -384,13 +399,14 @@ def _descendants(op, limit, order):
 
 
 class StopOnNonFiniteLoss(tf.train.SessionRunHook):
-    """Raises TrainingDiverged as soon as the loss is NaN/Inf, before any checkpoint hook runs."""
+    """Raises TrainingDiverged as soon as the optimized loss (cross entropy + load balancing)
+    is NaN/Inf, before any checkpoint hook runs."""
 
     def __init__(self, model_dir):
         self._model_dir = model_dir
 
     def begin(self):
-        self._loss = tf.get_collection(LOSS_COLLECTION)[0]
+        self._loss = tf.get_collection(OBJECTIVE_COLLECTION)[0]
         self._global_step = tf.train.get_global_step()
 
     def after_create_session(self, session, coord):
@@ -548,8 +564,8 @@ def find_input_files(patterns):
     return sorted(files)
 
 
-def record_length(files):
-    """Length of the `x` feature of the first TFRecord example found in `files`."""
+def first_record_tokens(files):
+    """The `x` feature (token ids) of the first TFRecord example found in `files`."""
     for path in files:
         try:
             for record in tf.io.tf_record_iterator(path):
@@ -558,7 +574,7 @@ def record_length(files):
                 if "x" not in feature:
                     raise GPTSANError(f"{path}: TFRecord examples have no 'x' feature; make them "
                                       "with scripts/make_tfrecord.py")
-                return len(feature["x"].int64_list.value)
+                return list(feature["x"].int64_list.value)
         except tf.errors.OpError as err:
             raise GPTSANError(f"{path} is not a readable TFRecord file: "
                               f"{err.message.splitlines()[0]}") from None
@@ -570,12 +586,19 @@ def record_length(files):
                       "scripts/make_tfrecord.py")
 
 
-def check_records(files, num_contexts):
-    length = record_length(files)
+def check_records(files, num_contexts, num_vocabulary=None):
+    """The first example must have num_contexts tokens (each < num_vocabulary, when given)."""
+    tokens = first_record_tokens(files)
+    length = len(tokens)
     if length != num_contexts:
         raise GPTSANError(f"the TFRecords have num_context={length} but the model has "
                           f"num_contexts={num_contexts}; rebuild them with "
                           f"scripts/make_tfrecord.py --num_context {num_contexts}")
+    largest = max(tokens, default=0)
+    if num_vocabulary is not None and largest >= num_vocabulary:
+        raise GPTSANError(f"the TFRecords hold token id {largest} but the model has "
+                          f"num_vocabulary={num_vocabulary}; make them with the vocabulary the "
+                          "model uses")
 
 
 def vocabulary_size(path):
@@ -678,7 +701,7 @@ def select_devices(mesh_shape, batch_size, model):
 
 
 def check_training_inputs(config, input_files, vocabulary, ignore_names, init_checkpoint=None,
-                          dtype="float32", frozen_dtype="float32"):
+                          dtype="float32", dynamic_loss_scale=False, frozen_dtype="float32"):
     """Every check of a run that needs no graph; raises GPTSANError before anything is written.
 
     Checks the TFRecords (found, num_context), the vocabulary size, the ignore list, and the
@@ -691,7 +714,7 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
     if init_checkpoint and fileio.absolute(init_checkpoint) == fileio.absolute(model_dir):
         raise GPTSANError("--init_checkpoint must differ from --model_dir (the output directory)")
     files = find_input_files(input_files)
-    check_records(files, model.num_contexts)
+    check_records(files, model.num_contexts, model.num_vocabulary)
     model.validate_vocabulary(vocabulary_size(vocabulary), source=vocabulary)
     check_ignore_names(ignore_names, model)
     existing_params = fileio.join(model_dir, PARAMETERS_FILE)
@@ -704,9 +727,9 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
         check_checkpoint_shapes(stored, model, model_dir)
         check_resumable(stored, model, ignore_names, train.optimizer, model_dir)
         check_frozen_dtype(model_dir, ignore_names, frozen_dtype)
-        dynamic_scale = dtype == "float16" and train.optimizer == "adam"
+        dynamic_scale = dtype == "float16" and dynamic_loss_scale
         if dynamic_scale and optimization.LOSS_SCALE_VARIABLE not in stored:
-            raise GPTSANError(f"{model_dir} was trained without --use_mixed_precision (it has "
+            raise GPTSANError(f"{model_dir} was trained without --dynamic_loss_scale (it has "
                               "no loss scale to resume); resume without it, or train into a "
                               f"new --model_dir with --init_checkpoint {model_dir}")
         return files, None

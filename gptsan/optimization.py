@@ -3,33 +3,38 @@
 Everything here works on mtf tensors and variables of one mesh; the learning rate is a TF scalar
 computed from the global step (so a resumed run continues the same schedule).
 
-Name rules (docs/ARCHITECTURE.md "Checkpoint names"; unit-tested in tests/test_optimization.py):
-* weight decay skips the LayerNorm gain/bias (`model/an{i}/g`, `model/ln{i}/b`, ...), every
-  dense bias (`.../bias`) and the output-logit bias `model/wob`;
-* variables named in an ignore list (the published `ignore-params.json`) are frozen: they get no
-  gradient, no update and no optimizer slot variables.
-
-float16 training scales the loss: by the published fixed 2^9, or (AdamW) dynamically
-(`DynamicLossScale`: a step whose gradients overflow is skipped and the scale halved).
+Defaults are those of the published optimization.py (tanreinama/GPTSAN at HEAD); each
+departure is an opt-in `train_params` key or run_train.py flag (named in parentheses):
+* AdamW (beta 0.9/0.999, eps 1e-8) WITHOUT bias correction (`adam_bias_correction`), decay
+  rate 0.01 (`weight_decay`) on every variable whose name does not match
+  "LayerNorm|layer_norm|bias" (`no_decay_pattern`; with our names only the dense biases
+  `.../bias` escape decay, LayerNorm g/b and `model/wob` are decayed);
+* linear warm-up `base_lr * step / warmup` from step 0, so the first update has lr 0
+  (`warmup_from_one`), then `1 / sqrt(max(step, 1 / base_lr**2))`;
+* `--clip_gradients`: global norm 0.01 (`--clip_norm`; the first published version used 1.0);
+* float16 (`--use_mixed_precision`): fixed loss scale 2^9 (`--dynamic_loss_scale`).
+Checkpoint names: docs/ARCHITECTURE.md "Checkpoint names". Variables named in an ignore list
+(`ignore-params.json`) are frozen: they get no gradient, no update and no optimizer slots.
 """
 import math
 import re
 
 from gptsan.compat import mtf, tf
+from gptsan.config import PUBLISHED_CLIP_NORM, PUBLISHED_NO_DECAY_PATTERN, PUBLISHED_WEIGHT_DECAY
 from gptsan.errors import GPTSANError
 from gptsan.fileio import read_json
 
 ADAM_BETA1 = 0.9  # published optimization.py
 ADAM_BETA2 = 0.999  # published optimization.py
-ADAM_EPSILON = 1e-8  # published optimization.py
-DEFAULT_WEIGHT_DECAY = 0.01  # published AdamWeightDecayOptimizer(weight_decay_rate=0.01)
-CLIP_NORM = 1.0  # published clip_by_global_norm(clip_norm=1.0) behind --clip_gradients
+ADAM_EPSILON = 1e-8  # published optimization.py (create_optimizer passes epsilon=1e-8)
+DEFAULT_WEIGHT_DECAY = PUBLISHED_WEIGHT_DECAY
+CLIP_NORM = PUBLISHED_CLIP_NORM
 MIXED_PRECISION_LOSS_SCALE = 2.0 ** 9  # published grad_scale with --use_mixed_precision
 DYNAMIC_SCALE_INITIAL = 2.0 ** 15  # dynamic fp16 loss scale: start (TF's LossScaleOptimizer)
 DYNAMIC_SCALE_GROWTH_STEPS = 2000  # ... doubled after this many finite steps (TF's default)
 LOSS_SCALE_VARIABLE = "training/loss_scale"  # checkpoint name of the dynamic loss scale
-NO_DECAY_LEAF_NAMES = ("g", "b", "bias")  # LayerNorm gain/bias and dense biases
-NO_DECAY_VARIABLES = ("model/wob",)  # the output-logit bias has no "bias" leaf name
+# opt-in `no_decay_pattern`: also skip the LayerNorm gain/bias (an{i}/g, ln{i}/b) and `model/wob`
+NORM_AND_BIAS_NO_DECAY_PATTERN = r"bias|(^|/)(an|ln)\d+/[gb]$|^model/wob$"
 ADAM_SLOT_SUFFIXES = ("/adam_m", "/adam_v")  # slot names of the published checkpoints
 
 
@@ -38,26 +43,28 @@ def variable_base_name(name):
     return re.sub(r":\d+$", "", name)
 
 
-def uses_weight_decay(name):
-    """Whether AdamW decays the variable `name` (False for LayerNorm g/b, biases, `wob`)."""
-    name = variable_base_name(name)
-    return name.split("/")[-1] not in NO_DECAY_LEAF_NAMES and name not in NO_DECAY_VARIABLES
+def uses_weight_decay(name, no_decay_pattern=PUBLISHED_NO_DECAY_PATTERN):
+    """Whether AdamW decays the variable `name`: unless `no_decay_pattern` is found in it."""
+    return re.search(no_decay_pattern, variable_base_name(name)) is None
 
 
-def learning_rate_schedule(global_step, base_lr, num_warmup_steps):
+def learning_rate_schedule(global_step, base_lr, num_warmup_steps, warmup_from_one=False):
     """The published schedule: linear warm-up to `base_lr`, then inverse-square-root decay.
 
-    lr(step) = base_lr * min(1, (step + 1) / warmup)               while step < warmup
-             = 1 / sqrt(max(step, 1 / base_lr**2))                  afterwards
-    The decay keeps `base_lr` until step 1/base_lr**2 (T5's "rsqrt" schedule, which the published
-    code uses); the warm-up counts from 1 so the first step already updates the weights.
+    lr(step) = base_lr * step / warmup                    while step < warmup (published)
+             = base_lr * min(1, (step + 1) / warmup)      ... with `warmup_from_one`
+             = 1 / sqrt(max(step, 1 / base_lr**2))         afterwards
+    `step` is the global step before the update it drives, so the published warm-up gives the
+    first update lr 0 (Adam's moments still move); `warmup_from_one` makes it base_lr / warmup.
+    The decay keeps `base_lr` until step 1/base_lr**2 (T5's "rsqrt" schedule).
     Returns a float32 TF scalar.
     """
     step = tf.cast(global_step, tf.float32)
     decay_start = tf.constant(1.0 / base_lr ** 2, tf.float32)
     learning_rate = tf.math.rsqrt(tf.maximum(step, decay_start))
     if num_warmup_steps > 0:
-        warmup = base_lr * tf.minimum(1.0, (step + 1.0) / float(num_warmup_steps))
+        counted = step + 1.0 if warmup_from_one else step
+        warmup = base_lr * tf.minimum(1.0, counted / float(num_warmup_steps))
         learning_rate = tf.where(step < float(num_warmup_steps), warmup, learning_rate)
     return learning_rate
 
@@ -109,22 +116,23 @@ def global_norm(grads):
 
 
 class AdamWeightDecay(mtf.optimize.Optimizer):
-    """Adam with bias correction and decoupled weight decay (AdamW), on mtf ops.
+    """Adam with decoupled weight decay (AdamW), on mtf ops; the published update by default.
 
-    var -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * var)   [decay only if
-    `uses_weight_decay(var.name)`]. Slots `<var>/adam_m`, `<var>/adam_v` (the published names).
-    `learning_rate` and `step` (1-based update count) are mtf scalars.
+    var -= lr * (m / (sqrt(v) + eps) + weight_decay * var)   [decay unless the name matches
+    `no_decay_pattern`]; with `corrections` (opt-in bias correction: the mtf scalars
+    1 - beta1^t, 1 - beta2^t, see `bias_corrections`) m and v are divided by them first.
+    Slots `<var>/adam_m`, `<var>/adam_v` (the published names). `learning_rate`: mtf scalar.
     """
 
-    def __init__(self, learning_rate, step, weight_decay=DEFAULT_WEIGHT_DECAY, beta1=ADAM_BETA1,
+    def __init__(self, learning_rate, corrections=None, weight_decay=DEFAULT_WEIGHT_DECAY,
+                 no_decay_pattern=PUBLISHED_NO_DECAY_PATTERN, beta1=ADAM_BETA1,
                  beta2=ADAM_BETA2, epsilon=ADAM_EPSILON, apply=None):
         self.learning_rate = learning_rate
         self.apply = apply  # optional float mtf scalar: 1 updates, 0 leaves weights and slots
         self.weight_decay = weight_decay
+        self.no_decay_pattern = no_decay_pattern
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
-        # Bias corrections 1 - beta^t, as mtf scalars shared by every variable.
-        self._correction1 = 1.0 - mtf.exp(step * math.log(beta1))
-        self._correction2 = 1.0 - mtf.exp(step * math.log(beta2))
+        self._corrections = corrections
 
     @staticmethod
     def slots(var):
@@ -140,9 +148,11 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
         m, v = self.slots(var)
         next_m = m * self.beta1 + grad * (1.0 - self.beta1)
         next_v = v * self.beta2 + mtf.square(grad) * (1.0 - self.beta2)
-        m_hat, v_hat = next_m / self._correction1, next_v / self._correction2
+        m_hat, v_hat = next_m, next_v
+        if self._corrections is not None:
+            m_hat, v_hat = next_m / self._corrections[0], next_v / self._corrections[1]
         update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
-        if self.weight_decay and uses_weight_decay(var.name):
+        if self.weight_decay and uses_weight_decay(var.name, self.no_decay_pattern):
             update += mtf.cast(var.value, tf.float32) * self.weight_decay
         if self.apply is not None:  # a skipped step keeps everything as it was
             next_m = m + (next_m - m) * self.apply
@@ -153,16 +163,28 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
                 mtf.assign(m, next_m), mtf.assign(v, next_v)]
 
 
-def make_optimizer(name, mesh, learning_rate, global_step, weight_decay=DEFAULT_WEIGHT_DECAY,
-                   apply=None):
+def bias_corrections(global_step, beta1=ADAM_BETA1, beta2=ADAM_BETA2):
+    """TF float32 scalars 1 - beta^t for update t = global_step + 1 (expm1 keeps full float32
+    precision for small t, where 1 - exp(t log beta) loses about half of the digits)."""
+    step = tf.cast(global_step, tf.float32) + 1.0
+    return [-tf.math.expm1(step * math.log(beta)) for beta in (beta1, beta2)]
+
+
+def make_optimizer(train_config, mesh, learning_rate, global_step, apply=None):
     """`adam` (AdamWeightDecay) or `adafactor` (mtf's AdafactorOptimizer, absolute lr, no decay).
 
+    The optimizer name and AdamW settings come from `train_config` (TrainConfig);
     `learning_rate`, `global_step`: TF scalars; `apply`: see AdamWeightDecay (adam only).
     """
+    name = train_config.optimizer
     if name == "adam":
         mtf_lr = mtf.import_tf_tensor(mesh, tf.cast(learning_rate, tf.float32), [])
-        step = mtf.import_tf_tensor(mesh, tf.cast(global_step, tf.float32) + 1.0, [])
-        return AdamWeightDecay(mtf_lr, step, weight_decay=weight_decay, apply=apply)
+        corrections = None
+        if train_config.adam_bias_correction:
+            corrections = [mtf.import_tf_tensor(mesh, c, [])
+                           for c in bias_corrections(global_step)]
+        return AdamWeightDecay(mtf_lr, corrections, weight_decay=train_config.weight_decay,
+                               no_decay_pattern=train_config.no_decay_pattern, apply=apply)
     if name == "adafactor":
         # Absolute step size = our schedule (no parameter scaling); slots <var>_slot_v[r|c].
         return mtf.optimize.AdafactorOptimizer(multiply_by_parameter_scale=False,
@@ -185,7 +207,8 @@ def create_slots(optimizer, var):
 
 
 class DynamicLossScale:
-    """float16 loss scale that adapts (TF variables under `training/`, so it is checkpointed).
+    """Opt-in float16 loss scale that adapts (`--dynamic_loss_scale`; the published scripts use
+    the fixed MIXED_PRECISION_LOSS_SCALE). TF variables under `training/`, so it is checkpointed.
 
     After the gradients are unscaled: if any is inf/NaN the step is skipped (weights and Adam
     slots unchanged) and the scale halved (not below 1); after `growth_steps` finite steps
@@ -224,13 +247,18 @@ class TrainOps:
 
 
 def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradients=False,
-                    loss_scale=1.0, order_updates=True):
+                    clip_norm=CLIP_NORM, loss_scale=1.0, order_updates=True):
     """Gradients of the mtf scalar `loss` and the optimizer updates for every non-frozen variable.
 
     `loss_scale` multiplies the loss before differentiation and divides the gradients after
     (float16 activations): a float (static), or a `DynamicLossScale` (adam only), with which
-    non-finite gradients become zeros and the step is skipped. AdamW's decay rate is
-    `train_config.weight_decay` (the published runs used DEFAULT_WEIGHT_DECAY).
+    non-finite gradients become zeros and the step is skipped. The optimizer and its settings
+    come from `train_config` (TrainConfig).
+
+    `clip_gradients`: scale the gradients to global norm <= `clip_norm`. As published, a static
+    scale clips the gradients of the SCALED loss (before they are divided by the scale), so the
+    true gradients are clipped at clip_norm / loss_scale; a dynamic scale clips the true
+    gradients at clip_norm.
 
     `order_updates`: every update waits for ALL gradients (through the global norm, which
     depends on each of them). mtf reads float32 variables by reference, so without this an
@@ -257,15 +285,17 @@ def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradi
         grads = [None if g is None else _zero_unless(finite, g) for g in grads]
         apply = mtf.cast(finite, tf.float32)
     if clip_gradients:
-        grads, norm = clip_by_global_norm(grads, CLIP_NORM)
+        # = clipping the scaled gradients at clip_norm, then unscaling them (published order)
+        threshold = clip_norm if dynamic else clip_norm / loss_scale
+        grads, norm = clip_by_global_norm(grads, threshold)
     else:
         norm = global_norm(grads)
         if order_updates:
             grads = [None if g is None else mtf.depend(g, [norm]) for g in grads]
     learning_rate = learning_rate_schedule(global_step, train_config.base_lr,
-                                           train_config.num_warmup_steps)
-    optimizer = make_optimizer(train_config.optimizer, mesh, learning_rate, global_step,
-                               weight_decay=train_config.weight_decay, apply=apply)
+                                           train_config.num_warmup_steps,
+                                           train_config.warmup_from_one)
+    optimizer = make_optimizer(train_config, mesh, learning_rate, global_step, apply=apply)
     update_ops = optimizer.apply_grads(grads, trainable)
     for grad, var in zip(grads, trainable):
         if grad is None:

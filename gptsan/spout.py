@@ -11,14 +11,15 @@ SPOUT_VECTORS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot"
 def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
     """The spout input for each example of a batch, from its class id (`i` feature).
 
-    kind (published run_train.py meanings):
+    kind (the meanings of the published run_training.py --spout_vector):
       none               no spout (None)
       uniform            fresh U[0,1) noise every step, ignoring the id
       stateless_uniform  a fixed U[0,1) vector per id: stateless_uniform(seed=(id, id))
-      onehot             one_hot(id mod num_spout)
-      half_onehot        one_hot(id mod num_spout/2) ++ fresh U[0,1) noise for the rest
+      onehot             one_hot(truncatemod(id, num_spout)) (a negative id: all zeros)
+      half_onehot        one_hot(truncatemod(id, num_spout/2)) ++ fresh U[0,1) noise for the rest
     The noise of `uniform`/`half_onehot` is drawn statelessly from (seed, global_step), so a
-    resumed run sees the same vectors as an uninterrupted one.
+    resumed run sees the same vectors as an uninterrupted one (the published script draws it
+    from TF's stateful generator: same distribution, other values).
     ids: int Tensor [batch, 1] or [batch]. Returns float32 [batch, num_spout] or None.
     """
     if kind not in SPOUT_VECTORS:
@@ -41,9 +42,9 @@ def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
         return tf.map_fn(lambda i: tf.random.stateless_uniform([num_spout], seed=tf.stack([i, i])),
                          ids, fn_output_signature=tf.float32)
     if kind == "onehot":
-        return tf.one_hot(tf.math.floormod(ids, num_spout), num_spout)
+        return tf.one_hot(tf.truncatemod(ids, num_spout), num_spout)
     half = num_spout // 2
-    return tf.concat([tf.one_hot(tf.math.floormod(ids, max(half, 1)), half),
+    return tf.concat([tf.one_hot(tf.truncatemod(ids, max(half, 1)), half),
                       noise(num_spout - half)], axis=1)
 
 

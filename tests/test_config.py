@@ -58,3 +58,28 @@ def test_invalid_configs_name_the_problem(tmp_path, params, message):
 def test_vocabulary_mismatch_is_reported():
     with pytest.raises(GPTSANError, match="36000"):
         ModelConfig().validate_vocabulary(8000)
+
+
+@pytest.mark.parametrize("train_params, message", [
+    ({"adam_bias_correction": 1}, "adam_bias_correction must be bool"),
+    ({"warmup_from_one": "yes"}, "warmup_from_one must be bool"),
+    ({"no_decay_pattern": "bias|("}, "no_decay_pattern 'bias|\\(' is not a regular expression"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+])
+def test_invalid_optimizer_keys_name_the_problem(tmp_path, train_params, message):
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"model_params": {}, "train_params": train_params}))
+    with pytest.raises(GPTSANError, match=message):
+        GPTSANConfig.from_json_file(str(path))
+
+
+def test_optimizer_keys_default_to_the_published_values(tmp_path):
+    path = tmp_path / "parameters.json"
+    path.write_text(json.dumps({"model_params": {}, "train_params": {
+        "adam_bias_correction": True, "warmup_from_one": True, "weight_decay": 0}}))
+    train = GPTSANConfig.from_json_file(str(path)).train
+    assert train.adam_bias_correction and train.warmup_from_one and train.weight_decay == 0
+    published = GPTSANConfig().train
+    assert (published.weight_decay, published.no_decay_pattern) == (
+        0.01, "LayerNorm|layer_norm|bias")
+    assert not published.adam_bias_correction and not published.warmup_from_one

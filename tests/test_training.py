@@ -131,6 +131,112 @@ def test_loss_falls_on_2x2_mesh(work, mode):
             "router/layer0/entropy", "router/layer1/expert3_fraction"} <= tags
 
 
+def test_reported_loss_is_the_published_cross_entropy(work):
+    """The Estimator's `loss` (progress bar, logs) is the cross entropy with z-loss, without the
+    load-balancing term (published train_fn reports `loss`, optimizes `loss + extra_loss`)."""
+    model_dir, _ = trained(work, "lm")
+    steps = {}
+    for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+        for event in tf.train.summary_iterator(path):
+            steps.setdefault(event.step, {}).update(
+                (v.tag, v.simple_value) for v in event.summary.value)
+    checked = [v for v in steps.values() if {"loss", "loss/total"} <= set(v)]
+    assert len(checked) >= 5
+    for v in checked:
+        assert v["loss"] == pytest.approx(v["loss/cross_entropy"], rel=1e-6)
+        assert v["loss/total"] == pytest.approx(v["loss"] + 1e-2 * v["loss/load_balancing"],
+                                                rel=1e-6)
+        assert v["loss/total"] > v["loss"]
+
+
+def test_lm_loss_is_the_published_masked_mean():
+    """sum(mask * (CE + 1e-4 log(Z)^2)) / (sum(mask) + 1e-5), against NumPy."""
+    from gptsan.compat import mtf
+    from gptsan.estimator import lm_loss
+
+    rng = np.random.RandomState(0)
+    logits = rng.randn(2, 3, 7).astype(np.float32) * 3
+    for targets in ([[4, -1, 2], [-1, 0, 6]], [[-1, -1, 5], [-1, -1, -1]],
+                    [[-1, -1, -1], [-1, -1, -1]]):
+        targets = np.array(targets, np.int32)
+        graph = mtf.Graph()
+        mesh = mtf.Mesh(graph, "mesh")
+        dims = [mtf.Dimension("batch", 2), mtf.Dimension("length", 3)]
+        vocab = mtf.Dimension("vocab", 7)
+        with tf.Graph().as_default():
+            loss, count = lm_loss(
+                mtf.import_tf_tensor(mesh, tf.constant(logits), mtf.Shape(dims + [vocab])),
+                mtf.import_tf_tensor(mesh, tf.constant(targets), mtf.Shape(dims)), vocab)
+            impl = mtf.placement_mesh_impl.PlacementMeshImpl(shape=[], layout={}, devices=[""])
+            lowering = mtf.Lowering(graph, {mesh: impl})
+            with tf.Session() as sess:
+                ours, n = sess.run([lowering.export_to_tf_tensor(loss),
+                                    lowering.export_to_tf_tensor(count)])
+        log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+        per_token = log_z - np.take_along_axis(logits, np.maximum(targets, 0)[..., None],
+                                               -1)[..., 0] + 1e-4 * log_z ** 2
+        mask = targets != -1
+        expected = (per_token * mask).sum() / (mask.sum() + 1e-5)
+        assert n == mask.sum()
+        assert ours == pytest.approx(expected, rel=1e-6, abs=1e-12), targets
+
+
+def test_first_step_of_the_published_warm_up_has_learning_rate_zero(work, tmp_path):
+    """Published warm-up: lr = base_lr * step / warmup with the step before the update, so the
+    first step of a run leaves every weight as it was (Adam's moments do move)."""
+    source_dir, _ = trained(work, "lm")
+    model_dir = str(tmp_path / "one_step")
+    args = common_args(work, "lm", model_dir, steps=1)
+    args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
+    run_train(*args, "--init_checkpoint", source_dir)
+    before, after = read_variables(source_dir), read_variables(model_dir)
+    assert after["global_step"] == 1
+    for name in ("model/wte", "model/ln0/g", "model/moe1/wi/kernel", "pasts/out/kernel"):
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+        assert not np.array_equal(after[name + "/adam_m"], before[name + "/adam_m"]), name
+
+
+def vocabulary_test_files(work, tmp_path, num_vocabulary):
+    """(parameter file with model_params.num_vocabulary set, or removed when None; the project
+    vocabulary plus one entry; a glob of copies of the lm TFRecords without their vocabulary
+    record, so only sizes and shapes can be compared)."""
+    with open(work["params"], encoding="utf-8") as f:
+        config = json.load(f)
+    config["model_params"]["num_vocabulary"] = num_vocabulary
+    if num_vocabulary is None:
+        del config["model_params"]["num_vocabulary"]
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(config), encoding="utf-8")
+    vocab = tmp_path / "vocab.txt"
+    with open(VOCAB, encoding="utf-8") as f:
+        vocab.write_text(f.read() + "\n<|extra|>", encoding="utf-8")
+    for shard in glob.glob(work["records"]["lm"]):
+        shutil.copy(shard, tmp_path / os.path.basename(shard))
+    return params, vocab, str(tmp_path / os.path.basename(work["records"]["lm"]))
+
+
+def test_num_vocabulary_comes_from_the_vocabulary_file(work, tmp_path):
+    """A parameter file without model_params.num_vocabulary (like the published ones) takes it
+    from --vocabulary; token ids of the records must fit it."""
+    params, vocab, records = vocabulary_test_files(work, tmp_path, None)
+    model_dir = str(tmp_path / "bigger")
+    args = common_args(work, "lm", model_dir, steps=1)
+    args[args.index("--parameter_file") + 1] = str(params)
+    args[args.index("--input_files") + 1] = records
+    args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
+    run_train(*args, "--vocabulary", str(vocab), "--emoji", EMOJI)
+    with open(os.path.join(model_dir, "parameters.json"), encoding="utf-8") as f:
+        assert json.load(f)["model_params"]["num_vocabulary"] == 36001
+    assert read_variables(model_dir)["model/wob"].shape == (36001,)
+    import run_train as cli
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(["a", "b", "c"]), encoding="utf-8")
+    args[args.index("--model_dir") + 1] = str(tmp_path / "never")
+    with pytest.raises(GPTSANError, match="hold token id .* num_vocabulary=3"):
+        cli.main(args + ["--vocabulary", str(small), "--emoji", EMOJI])
+    assert not os.path.exists(tmp_path / "never")
+
+
 def test_mlm_targets_predicted_better_than_chance(work):
     from gptsan.inference import Predictor
     from gptsan.records import read_examples
@@ -227,23 +333,28 @@ def test_model_dir_in_a_bucket(work):
     assert not os.path.exists("ram:") and not os.path.exists(os.path.join(ROOT, "ram:"))
 
 
-def test_float16_training_keeps_a_dynamic_loss_scale(work, tmp_path):
+def test_float16_training_fixed_or_dynamic_loss_scale(work, tmp_path):
+    """--use_mixed_precision: the published fixed 2^9 (nothing to checkpoint); with
+    --dynamic_loss_scale an adaptive scale kept in the checkpoint."""
     from gptsan import optimization
 
-    model_dir = str(tmp_path / "fp16")
-    args = common_args(work, "lm", model_dir, steps=3)
+    fixed = str(tmp_path / "fixed")
+    args = common_args(work, "lm", fixed, steps=2)
     args[args.index("--mesh_shape") + 1] = "batch:1,model:1"
-    losses = run_train(*args, "--use_mixed_precision")
+    losses = run_train(*args, "--use_mixed_precision", "--clip_gradients")
+    assert len(losses) == 2 and all(np.isfinite(v) for _, v in losses)
+    assert optimization.LOSS_SCALE_VARIABLE not in read_variables(fixed)
+    model_dir = str(tmp_path / "fp16")
+    args[args.index("--model_dir") + 1] = model_dir
+    args[args.index("--max_training_step") + 1] = "3"
+    losses = run_train(*args, "--use_mixed_precision", "--dynamic_loss_scale")
     assert len(losses) == 3 and all(np.isfinite(v) for _, v in losses)
     stored = read_variables(model_dir)
     assert stored[optimization.LOSS_SCALE_VARIABLE] == optimization.DYNAMIC_SCALE_INITIAL
     assert stored["training/loss_scale_good_steps"] == 3
-    plain = str(tmp_path / "fp32")
-    args[args.index("--model_dir") + 1] = plain
-    run_train(*args)
-    args[args.index("--max_training_step") + 1] = "4"
-    with pytest.raises(GPTSANError, match="trained without --use_mixed_precision"):
-        run_train(*args, "--use_mixed_precision")
+    args[args.index("--model_dir") + 1] = fixed
+    with pytest.raises(GPTSANError, match="trained without --dynamic_loss_scale"):
+        run_train(*args, "--use_mixed_precision", "--dynamic_loss_scale")
 
 
 def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
@@ -378,6 +489,8 @@ def bad_input_cases(work, tmp_path):
         ([], {"--mesh_shape": "batch:8,model:1"}, "needs 8 devices"),
         ([], {"--mesh_shape": "rows:2"}, "mesh"),
         ([], {"--spout_vector": "gaussian"}, "spout_vector"),
+        (["--dynamic_loss_scale"], {}, "--dynamic_loss_scale needs --use_mixed_precision"),
+        (["--clip_gradients", "--clip_norm", "0"], {}, "--clip_norm must be > 0"),
     ]
 
 
@@ -401,30 +514,22 @@ def test_checkpoint_mismatches_are_refused(work, tmp_path):
     source_dir, _ = trained(work, "lm")
     # a bigger vocabulary than the checkpoint's: a bare checkpoint (no parameters.json, nothing
     # recorded) and TFRecords without a vocabulary record leave only the shapes to compare
-    with open(work["params"], encoding="utf-8") as f:
-        config = json.load(f)
-    config["model_params"]["num_vocabulary"] += 1
-    params = tmp_path / "bigger.json"
-    params.write_text(json.dumps(config), encoding="utf-8")
-    vocab = tmp_path / "vocab.txt"
-    with open(VOCAB, encoding="utf-8") as f:
-        vocab.write_text(f.read() + "\n<|extra|>", encoding="utf-8")
+    params, vocab, records = vocabulary_test_files(work, tmp_path, 36001)
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in os.listdir(source_dir):
         if name == "checkpoint" or name.startswith("model.ckpt-"):
             shutil.copy(os.path.join(source_dir, name), bare / name)
-    for shard in glob.glob(work["records"]["lm"]):
-        shutil.copy(shard, tmp_path / os.path.basename(shard))
     model_dir = str(tmp_path / "never")
     args = common_args(work, "lm", model_dir)
     args[args.index("--parameter_file") + 1] = str(params)
-    args[args.index("--input_files") + 1] = str(tmp_path / "lm_*.tfrecord")
+    args[args.index("--input_files") + 1] = records
     with pytest.raises(GPTSANError, match="vocabulary size differs"):
         cli.main(args + ["--vocabulary", str(vocab), "--emoji", EMOJI, "--init_checkpoint",
                          str(bare)])
     assert not os.path.exists(model_dir)
     # resuming into a directory that holds another model / a model without training state
+    config = json.loads(params.read_text(encoding="utf-8"))
     config["model_params"].update(num_vocabulary=config["model_params"]["num_vocabulary"] - 1,
                                   num_experts=2)
     params.write_text(json.dumps(config), encoding="utf-8")
@@ -454,6 +559,10 @@ def test_spout_vectors_follow_the_published_meanings():
         at0, at1 = sess.run(tensors, {step: 0}), sess.run(tensors, {step: 1})
     np.testing.assert_array_equal(at0["onehot"], np.eye(6)[[0, 3, 1, 3]])  # id mod 6
     np.testing.assert_array_equal(at0["half_onehot"][:, :3], np.eye(3)[[0, 0, 1, 0]])
+    with tf.Session() as sess:  # truncatemod, as published: a negative id has no one-hot
+        negative = sess.run([spout_vectors(k, tf.constant([[-1], [-7]], tf.int64), 6, step)
+                             for k in ("onehot", "half_onehot")], {step: 0})
+    assert not negative[0].any() and not negative[1][:, :3].any()
     for kind in kinds:
         assert at0[kind].shape == (4, 6) and np.all((at0[kind] >= 0) & (at0[kind] <= 1))
     # stateless_uniform: a fixed vector per class id; uniform: fresh noise every step
