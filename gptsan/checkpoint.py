@@ -1,484 +1,67 @@
-"""Checkpoint formats: GPTSAN model directories (TF checkpoint) and the HF transformers port.
+"""GPTSAN model directories and their TF checkpoints.
 
 A GPTSAN model directory holds `parameters.json`, a TF checkpoint (`checkpoint` index +
 `model.ckpt-<step>.*`) whose variables carry the TF names of docs/ARCHITECTURE.md
-"Checkpoint names", and copies of the vocabulary and emoji table (named and fingerprinted in
-parameters.json: gptsan/fingerprint.py). The HF format is a transformers 4.40.2
-`GPTSanJapaneseForConditionalGeneration` directory (`config.json` + `model.safetensors`).
-
-The name/layout mapping between the two is data (`_LAYER_MAP` ...); both directions and the
-shape checks walk the same table, so they cannot drift apart. Layouts:
-    copy       same array
-    transpose  TF kernel [in, out] <-> HF Linear weight [out, in]
-    row        TF [V] <-> HF [1, V] (final_logits_bias)
-    qkv        TF [d, 3, H, hd] <-> HF q/k/v_proj.weight [d, d] each (HF = TF[:, j].reshape(d, d).T)
-    heads_out  TF [H, hd, d] <-> HF out_proj.weight [d, d] (HF = TF.reshape(d, d).T)
-    experts    TF [E, a, b] <-> HF expert_{e} weight [b, a] each (HF = TF[e].T)
-Every conversion is a pure transpose/reshape, so round trips are bit-exact.
+"Checkpoint names" (the table: gptsan/variables.py), and copies of the vocabulary and emoji
+table (named and fingerprinted in parameters.json: gptsan/fingerprint.py). Tensors are read
+and written one at a time (gptsan/tensorio.py), so memory stays bounded at any model size.
 """
-import contextlib
-import dataclasses
-import functools
-import json
 import os
 import re
-import shutil
-import tempfile
-import zlib
 
 import numpy as np
 from tqdm import tqdm
 
-from gptsan.config import PARAMETERS_FILE, SPOUT_DEPTH, GPTSANConfig, ModelConfig, TrainConfig
-from gptsan.config import EMOJI_FILE, VOCAB_FILE  # noqa: F401 (published names of the copies)
-from gptsan.errors import GPTSANError
 from gptsan import fileio, fingerprint, tensorio
-from gptsan.fileio import read_json
-from gptsan.tensorio import TensorRef
-IGNORE_PARAMS_FILE = "ignore-params.json"  # published name: variables frozen when fine-tuning
+from gptsan.config import PARAMETERS_FILE, GPTSANConfig, ModelConfig, TrainConfig
+from gptsan.errors import GPTSANError
+from gptsan.variables import (SHAPE_FIELDS, check_declared, check_variables, infer_model_config,
+                              is_model_variable, is_shape_relevant)
+
 CHECKPOINT_BASENAME = "model.ckpt"  # checkpoint prefix, as tf.estimator writes it
-MODEL_VARIABLE_PREFIXES = ("model/", "pasts/")  # model weights (vs optimizer slots, global_step)
 GLOBAL_STEP_NAME = "global_step"  # the step counter tf.train / Estimator keep in a checkpoint
 
-HF_CONFIG_FILE = "config.json"  # transformers config
-HF_SAFETENSORS_FILE = "model.safetensors"  # transformers save_pretrained(safe_serialization=True)
-HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # sharded safetensors
-HF_TORCH_FILE = "pytorch_model.bin"  # older transformers format (the published HF upload)
-HF_TORCH_INDEX = "pytorch_model.bin.index.json"  # sharded pytorch_model-0000k-of-0000n.bin
-HF_VOCAB_FILE = "vocab.txt"  # GPTSanJapaneseTokenizer vocab_file (same format as ja-swe36k.txt)
-HF_EMOJI_FILE = "emoji.json"  # GPTSanJapaneseTokenizer emoji_file
-HF_MODEL_TYPE = "gptsan-japanese"
-HF_ARCHITECTURE = "GPTSanJapaneseForConditionalGeneration"
-HF_TIED_HEAD = "lm_head.weight"  # tied to model.embed_tokens.weight; save_pretrained omits it
-HF_MISSPELLED_SPOUT = "model.sqout."  # the published HF conversion script's typo for model.spout.
-HF_LAYER_NORM_EPSILON = 1e-5  # both implementations (docs/ARCHITECTURE.md "Forward pass")
-# HF special-token ids, counted from the end of the vocabulary like the ja-swe control tokens:
-# separator_token_id = SEG (n-2), pad_token_id = SEP (n-5), eos_token_id = EOT (n-1).
-HF_SEPARATOR_FROM_END, HF_PAD_FROM_END, HF_EOS_FROM_END = 2, 5, 1
 
+def find_checkpoint(path, required=True):
+    """Checkpoint prefix of a model directory (its latest checkpoint) or of a prefix path.
 
-# ----------------------------------------------------------------------------------------------
-# The TF <-> HF table: (TF name, HF name(s), layout, shape key). {i}: global layer index,
-# {e}: expert index, {n}: spout dense index, {hf_n}: its index in HF's nn.Sequential.
-_GLOBAL_MAP = [
-    ("model/wte", "model.embed_tokens.weight", "copy", "vocab_d"),
-    ("model/wpe", "model.position_embeddings.weight", "copy", "ctx_d"),
-    ("model/dense/kernel", "model.last_project.weight", "transpose", "d_d"),
-    ("model/dense_1/bias", "model.last_project.bias", "copy", "d"),
-    ("model/wob", "final_logits_bias", "row", "vocab"),
-]
-_EXT_EMBEDDING_MAP = [("model/ete", "model.extra_position_embeddings.weight", "copy", "ctx_d")]
-_ATTENTION_MAP = [
-    ("model/att{i}/qkv/kernel", tuple(f"model.blocks.{{i}}.self_attn.self_attn.{p}_proj.weight"
-                                      for p in "qkv"), "qkv", "qkv"),
-    ("model/att{i}/o/kernel", "model.blocks.{i}.self_attn.self_attn.out_proj.weight", "heads_out",
-     "o"),
-    ("model/an{i}/g", "model.blocks.{i}.self_attn.norm.weight", "copy", "d"),
-    ("model/an{i}/b", "model.blocks.{i}.self_attn.norm.bias", "copy", "d"),
-    ("model/ln{i}/g", "model.blocks.{i}.feed_forward.norm.weight", "copy", "d"),
-    ("model/ln{i}/b", "model.blocks.{i}.feed_forward.norm.bias", "copy", "d"),
-]
-_SWITCH_MAP = [
-    ("model/moe{i}/switch_gating/kernel",
-     "model.blocks.{i}.feed_forward.mlp.router.classifier.weight", "transpose", "d_experts"),
-    ("model/moe{i}/softmlp/kernel", "model.blocks.{i}.feed_forward.soft_bypass_mlp.weight",
-     "transpose", "d_d"),
-    ("model/moe{i}/wi/kernel", "model.blocks.{i}.feed_forward.mlp.experts.expert_{e}.wi.weight",
-     "experts", "wi"),
-    ("model/moe{i}/wo/kernel", "model.blocks.{i}.feed_forward.mlp.experts.expert_{e}.wo.weight",
-     "experts", "wo"),
-]
-_EXT_MAP = [
-    ("model/mlp{i}/p1/kernel", "model.blocks.{i}.feed_forward.mlp.wi.weight", "transpose", "p1"),
-    ("model/mlp{i}/p1/bias", "model.blocks.{i}.feed_forward.mlp.wi.bias", "copy", "ext"),
-    ("model/mlp{i}/p2/kernel", "model.blocks.{i}.feed_forward.mlp.wo.weight", "transpose", "p2"),
-    ("model/mlp{i}/p2/bias", "model.blocks.{i}.feed_forward.mlp.wo.bias", "copy", "d"),
-]
-# HF spout is nn.Sequential(Linear, Tanh) x 8 + Linear: the Linears sit at even indices.
-_SPOUT_MAP = [("pasts/mlp{n}/kernel", "model.spout.{hf_n}.weight", "transpose", "spout_spout")]
-_SPOUT_OUT_MAP = [("pasts/out/kernel", f"model.spout.{2 * SPOUT_DEPTH}.weight", "transpose",
-                   "spout_kv")]
-
-# TF names of the model variables (anything else in a checkpoint is optimizer state or counters).
-_TF_NAME_PATTERN = re.compile(
-    r"^(model/(wte|wpe|ete|wob|dense/kernel|dense_1/bias"
-    r"|att\d+/(qkv|o)/kernel|(an|ln)\d+/[gb]"
-    r"|moe\d+/(switch_gating|softmlp|wi|wo)/kernel|mlp\d+/p[12]/(kernel|bias))"
-    r"|pasts/(mlp\d+|out)/kernel)$")
-
-
-def expected_variable_shapes(model):
-    """{TF name: shape} of every checkpoint variable of a model (docs/ARCHITECTURE.md
-    "Checkpoint names" as code)."""
-    return {tf_name: shape for tf_name, _, _, shape in _mapping(model)}
-
-
-RANDOM_WEIGHT_STD = 0.05  # random_variables: small enough that activations stay in range
-
-
-def random_variables(model, seed=0, std=RANDOM_WEIGHT_STD):
-    """{TF name: TensorRef} of random weights (LayerNorm gains 1, the rest N(0, std)), each
-    drawn when loaded from its own generator (seed, crc32(name)): benchmarks write any model
-    size with one tensor in memory at a time."""
-    refs = {}
-    for name, shape in expected_variable_shapes(model).items():
-        load = (functools.partial(_filled, shape, 1.0) if name.endswith("/g") else
-                functools.partial(_draw_normal, seed, name, shape, std))
-        refs[name] = TensorRef(shape, np.dtype(np.float32), load)
-    return refs
-
-
-def _mapping(model):
-    """Yields (tf_name, hf_name or tuple of hf_names, layout, tf_shape) for a ModelConfig."""
-    d, v, c = model.num_hidden, model.num_vocabulary, model.num_contexts
-    e, moe, ext = model.num_experts, model.num_moe_hidden, model.num_ext_hidden
-    spout = model.num_spout
-    shapes = {
-        "vocab_d": (v, d), "ctx_d": (c, d), "d_d": (d, d), "d": (d,), "vocab": (v,),
-        "qkv": (d, 3, model.num_header, model.head_dim), "o": (model.num_header, model.head_dim, d),
-        "d_experts": (d, e), "wi": (e, d, moe), "wo": (e, moe, d),
-        "p1": (d, ext), "ext": (ext,), "p2": (ext, d),
-        "spout_spout": (spout, spout), "spout_kv": (spout, model.num_layers * 2 * d),
-    }
-
-    def emit(table, **index):
-        for tf_pattern, hf_pattern, layout, shape_key in table:
-            if layout == "experts":
-                hf = tuple(hf_pattern.format(e=k, **index) for k in range(e))
-            elif isinstance(hf_pattern, tuple):
-                hf = tuple(p.format(**index) for p in hf_pattern)
-            else:
-                hf = hf_pattern.format(**index)
-            yield tf_pattern.format(**index), hf, layout, shapes[shape_key]
-
-    yield from emit(_GLOBAL_MAP)
-    if model.num_ext_layers:
-        yield from emit(_EXT_EMBEDDING_MAP)
-    for i in range(model.num_layers):
-        yield from emit(_ATTENTION_MAP, i=i)
-        yield from emit(_SWITCH_MAP if i < model.num_switch_layers else _EXT_MAP, i=i)
-    if model.num_spout:
-        for n in range(SPOUT_DEPTH):
-            yield from emit(_SPOUT_MAP, n=n, hf_n=2 * n)
-        yield from emit(_SPOUT_OUT_MAP)
-
-
-def _hf_shapes(layout, tf_shape):
-    """Shape of each HF tensor for one TF variable of `tf_shape`."""
-    if layout == "copy":
-        return [tf_shape]
-    if layout == "transpose":
-        return [tf_shape[::-1]]
-    if layout == "row":
-        return [(1,) + tf_shape]
-    if layout == "qkv":  # [d, 3, H, hd] -> 3 x [H*hd, d]
-        return [(tf_shape[2] * tf_shape[3], tf_shape[0])] * 3
-    if layout == "heads_out":  # [H, hd, d] -> [d, H*hd]
-        return [(tf_shape[2], tf_shape[0] * tf_shape[1])]
-    if layout == "experts":  # [E, a, b] -> E x [b, a]
-        return [(tf_shape[2], tf_shape[1])] * tf_shape[0]
-    raise AssertionError(f"unknown layout {layout}")
-
-
-def _num_hf_pieces(layout, tf_shape):
-    return 3 if layout == "qkv" else tf_shape[0] if layout == "experts" else 1
-
-
-def _hf_piece(layout, value, k):
-    """The k-th HF array (contiguous) of TF array `value`."""
-    if layout == "copy":
-        out = value
-    elif layout == "transpose":
-        out = value.T
-    elif layout == "row":
-        out = value[None, :]
-    elif layout == "qkv":  # [d, 3, H, hd] -> k-th of q, k, v [H*hd, d]
-        out = value[:, k].reshape(value.shape[0], -1).T
-    elif layout == "heads_out":  # [H, hd, d] -> [d, H*hd]
-        out = value.reshape(-1, value.shape[2]).T
-    elif layout == "experts":  # [E, a, b] -> expert k [b, a]
-        out = value[k].T
-    else:
-        raise AssertionError(f"unknown layout {layout}")
-    return np.ascontiguousarray(out)
-
-
-def _to_hf(layout, value):
-    """TF array -> list of HF arrays (contiguous)."""
-    return [_hf_piece(layout, value, k) for k in range(_num_hf_pieces(layout, value.shape))]
-
-
-def _to_tf(layout, values, tf_shape, dtype=None):
-    """List of HF arrays -> TF array of `tf_shape` and `dtype` (default: the arrays'), written
-    into TF-aligned memory (float16/bfloat16 -> float32 is exact)."""
-    out = tensorio.aligned_empty(tf_shape, dtype or values[0].dtype)
-    if layout == "copy":
-        out[...] = values[0]
-    elif layout == "transpose":
-        out[...] = values[0].T
-    elif layout == "row":
-        out[...] = values[0][0]
-    elif layout == "qkv":  # 3 x [H*hd, d] -> [d, 3, H, hd]
-        d, _, h, hd = tf_shape
-        for j, w in enumerate(values):
-            out[:, j] = w.T.reshape(d, h, hd)
-    elif layout == "heads_out":  # [d, H*hd] -> [H, hd, d]
-        out[...] = values[0].T.reshape(tf_shape)
-    elif layout == "experts":  # E x [b, a] -> [E, a, b]
-        for e, w in enumerate(values):
-            out[e] = w.T
-    else:
-        raise AssertionError(f"unknown layout {layout}")
-    return out
-
-
-def _shape_str(shape):
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-# ----------------------------------------------------------------------------------------------
-# Config inference and checks
-
-
-def check_variables(variables, model, source="the checkpoint"):
-    """Raises GPTSANError unless `variables` has exactly the names and shapes `model` needs."""
-    expected = expected_variable_shapes(model)
-    missing = [n for n in expected if n not in variables]
-    extra = sorted(n for n in variables if n not in expected)
-    layers = f"{model.num_switch_layers} switch + {model.num_ext_layers} extra layers"
-    if missing:
-        raise GPTSANError(f"{source} lacks variable(s) {_few(missing)} needed by the model "
-                          f"({layers})")
-    if extra:
-        raise GPTSANError(f"{source} has unexpected variable(s) {_few(extra)} for a model with "
-                          f"{layers}")
-    for name, shape in expected.items():
-        actual = tuple(variables[name].shape)
-        if actual != shape:
-            raise GPTSANError(f"{source}: {name} has shape {_shape_str(actual)} but the model "
-                              f"expects {_shape_str(shape)}")
-
-
-def _few(names, limit=4):
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _layer_indices(names, pattern):
-    return sorted({int(m.group(1)) for m in map(re.compile(pattern).match, names) if m})
-
-
-def _require_var(variables, name, source):
-    if name not in variables:
-        raise GPTSANError(f"{source} has no variable {name}: not a GPTSAN checkpoint")
-    return variables[name].shape
-
-
-def infer_model_config(variables, source="the checkpoint", **overrides):
-    """ModelConfig from TF variable shapes (heads come from the qkv kernel's shape).
-
-    `overrides` set fields shapes cannot give (num_pallarelizm, train_mode). The result is
-    checked against every variable (names and shapes).
+    None when there is none and not `required` (else GPTSANError).
     """
-    names = list(variables)
-    vocab, d = _require_var(variables, "model/wte", source)
-    contexts = _require_var(variables, "model/wpe", source)[0]
-    layers = _layer_indices(names, r"^model/att(\d+)/qkv/kernel$")
-    switch = _layer_indices(names, r"^model/moe(\d+)/wi/kernel$")
-    ext = _layer_indices(names, r"^model/mlp(\d+)/p1/kernel$")
-    if not layers:
-        raise GPTSANError(f"{source} has no attention layers (model/att0/qkv/kernel)")
-    if layers != list(range(len(layers))) or switch + ext != layers:
-        raise GPTSANError(f"{source}: layers must be numbered 0..L-1 with the Switch layers first; "
-                          f"found attention {layers}, switch {switch}, extra {ext}")
-    qkv_shape = variables["model/att0/qkv/kernel"].shape
-    if len(qkv_shape) != 4:
-        raise GPTSANError(f"{source}: model/att0/qkv/kernel has shape {_shape_str(qkv_shape)}, "
-                          "expected [d_model, 3, heads, head_dim]")
-    fields = dict(num_vocabulary=vocab, num_hidden=d, num_contexts=contexts,
-                  num_switch_layers=len(switch), num_ext_layers=len(ext), num_header=qkv_shape[2],
-                  num_spout=(variables["pasts/mlp0/kernel"].shape[0]
-                             if "pasts/mlp0/kernel" in variables else 0))
-    if switch:
-        fields["num_experts"], _, fields["num_moe_hidden"] = variables["model/moe0/wi/kernel"].shape
-    if ext:
-        fields["num_ext_hidden"] = variables[f"model/mlp{ext[0]}/p1/kernel"].shape[1]
-    fields.update(overrides)
-    model = ModelConfig(**{k: (int(v) if not isinstance(v, str) else v) for k, v in fields.items()})
-    check_variables(variables, model, source)
-    return model
-
-
-def _check_declared(inferred, declared, source, what):
-    """`declared` {field: value} (from parameters.json / config.json) must match the weights."""
-    for field, value in declared.items():
-        actual = getattr(inferred, field)
-        if value != actual:
-            raise GPTSANError(f"{source} says {what(field)}={value} but the weights have "
-                              f"{field}={actual}; the file does not belong to these weights")
-
-
-_SHAPE_FIELDS = ("num_contexts", "num_switch_layers", "num_ext_layers", "num_hidden", "num_header",
-                 "num_experts", "num_spout", "num_vocabulary", "num_moe_hidden", "num_ext_hidden")
-
-
-# ----------------------------------------------------------------------------------------------
-# TF <-> HF conversion of variable dicts
-
-
-def tf_to_hf_variables(tf_vars, model, include_tied_head=False):
-    """{TF name: array} -> {HF name: float32 array} for GPTSanJapaneseForConditionalGeneration.
-
-    `model` is the ModelConfig (a GPTSANConfig is accepted too). The tied `lm_head.weight` is
-    left out like `save_pretrained` does, unless `include_tied_head`.
-    """
-    hf = {name: ref.load() for name, ref in tf_to_hf_refs(tf_vars, model).items()}
-    if include_tied_head:
-        hf[HF_TIED_HEAD] = hf["model.embed_tokens.weight"]
-    return hf
-
-
-def tf_to_hf_refs(tf_vars, model, dtype=np.float32):
-    """{TF name: array or TensorRef} -> {HF name: TensorRef} computed when loaded, as `dtype`.
-
-    A TF tensor feeding several HF tensors (q/k/v, the experts) is read once when they are
-    loaded in name order: a two-tensor cache covers the interleaved names of one block
-    (expert_0.wi, expert_0.wo, expert_1.wi, ...; k_proj, out_proj, q_proj, v_proj).
-    """
-    model = getattr(model, "model", model)
-    check_variables(tf_vars, model)
-    dtype = np.dtype(dtype)
-    cache = tensorio.LoadCache(capacity=2)
-
-    def load(tf_name, layout, k):
-        value = cache.get(tf_name, lambda: tensorio.value_of(tf_vars[tf_name]))
-        return tensorio.cast_floating(_hf_piece(layout, value, k), dtype)
-
-    refs = {}
-    for tf_name, hf_names, layout, tf_shape in _mapping(model):
-        hf_names = hf_names if isinstance(hf_names, tuple) else (hf_names,)
-        for k, (name, shape) in enumerate(zip(hf_names, _hf_shapes(layout, tf_shape))):
-            refs[name] = TensorRef(tuple(shape), dtype,
-                                   functools.partial(load, tf_name, layout, k))
-    return refs
-
-
-def infer_hf_model_config(hf_state, num_heads, source="the HF weights"):
-    """ModelConfig from HF tensor shapes; heads cannot be seen in HF shapes and are given."""
-    def shape(name):
-        if name not in hf_state:
-            raise GPTSANError(f"{source} has no tensor {name}: not a GPTSanJapanese model")
-        return tuple(hf_state[name].shape)
-
-    names = list(hf_state)
-    vocab, d = shape("model.embed_tokens.weight")
-    blocks = _layer_indices(names, r"^model\.blocks\.(\d+)\.")
-    switch = _layer_indices(names, r"^model\.blocks\.(\d+)\.feed_forward\.mlp\.router\.")
-    ext = [i for i in blocks if i not in switch]
-    if not blocks or blocks != list(range(len(blocks))) or switch != blocks[:len(switch)]:
-        raise GPTSANError(f"{source}: blocks must be numbered 0..L-1 with the Switch layers first; "
-                          f"found blocks {blocks}, switch {switch}")
-    fields = dict(num_vocabulary=vocab, num_hidden=d, num_header=int(num_heads),
-                  num_contexts=shape("model.position_embeddings.weight")[0],
-                  num_switch_layers=len(switch), num_ext_layers=len(ext),
-                  num_spout=(shape("model.spout.0.weight")[0]
-                             if "model.spout.0.weight" in hf_state else 0))
-    if switch:
-        fields["num_experts"] = len(_layer_indices(
-            names, r"^model\.blocks\.0\.feed_forward\.mlp\.experts\.expert_(\d+)\.wi\.weight$"))
-        fields["num_moe_hidden"] = shape(
-            "model.blocks.0.feed_forward.mlp.experts.expert_0.wi.weight")[0]
-    if ext:
-        fields["num_ext_hidden"] = shape(f"model.blocks.{ext[0]}.feed_forward.mlp.wi.weight")[0]
-    if d % fields["num_header"]:
-        raise GPTSANError(f"{source}: num_heads={num_heads} does not divide d_model={d}")
-    return ModelConfig(**{k: int(v) for k, v in fields.items()})
-
-
-def hf_to_tf_variables(hf_state, num_heads, source="the HF weights"):
-    """{HF name: array} -> ({TF name: float32 array}, ModelConfig inferred from shapes).
-
-    `num_heads` comes from the HF config.json (shapes cannot tell it). Accepts the tied
-    `lm_head.weight` (must equal the embedding) and the published typo `model.sqout.*`.
-    """
-    refs, model = hf_to_tf_refs(hf_state, num_heads, source)
-    return {name: ref.load() for name, ref in refs.items()}, model
-
-
-def hf_to_tf_refs(hf_state, num_heads, source="the HF weights", dtype=np.float32):
-    """{HF name: array or TensorRef} -> ({TF name: TensorRef as `dtype`}, ModelConfig).
-
-    Names, shapes and dtypes are checked here; each TF tensor is built from its HF tensors
-    when loaded (float16/bfloat16 inputs are cast tensor by tensor).
-    """
-    state = {}
-    for name, value in hf_state.items():
-        if name.startswith(HF_MISSPELLED_SPOUT):
-            name = "model.spout." + name[len(HF_MISSPELLED_SPOUT):]
-        state[name] = value if isinstance(value, TensorRef) else tensorio.array_ref(value)
-    if HF_TIED_HEAD in state:
-        head = state.pop(HF_TIED_HEAD)
-        embed = state.get("model.embed_tokens.weight")
-        if embed is None or head.shape != embed.shape or not np.array_equal(head.load(),
-                                                                            embed.load()):
-            raise GPTSANError(f"{source}: lm_head.weight differs from model.embed_tokens.weight; "
-                              "GPTSAN ties them, an untied head cannot be converted")
-    model = infer_hf_model_config(state, num_heads, source)
-    dtype = np.dtype(dtype)
-    refs, used = {}, set()
-    for tf_name, hf_names, layout, tf_shape in _mapping(model):
-        hf_names = hf_names if isinstance(hf_names, tuple) else (hf_names,)
-        for name, want in zip(hf_names, _hf_shapes(layout, tf_shape)):
-            if name not in state:
-                raise GPTSANError(f"{source} lacks tensor {name} needed by the model")
-            if tuple(state[name].shape) != want:
-                raise GPTSANError(f"{source}: {name} has shape {_shape_str(state[name].shape)} but "
-                                  f"the model expects {_shape_str(want)}")
-            if not tensorio.is_floating(state[name].dtype):
-                raise GPTSANError(f"{source}: {name} has dtype {state[name].dtype}, expected "
-                                  "floating point")
-            used.add(name)
-        refs[tf_name] = TensorRef(tf_shape, dtype, functools.partial(
-            _tf_from_hf, [state[n] for n in hf_names], layout, tf_shape, dtype))
-    extra = sorted(set(state) - used)
-    if extra:
-        raise GPTSANError(f"{source} has tensor(s) GPTSAN does not know: {_few(extra)}")
-    return refs, model
-
-
-def _tf_from_hf(hf_refs, layout, tf_shape, dtype):
-    """One TF array of `dtype` from its HF tensors."""
-    return _to_tf(layout, [ref.load() for ref in hf_refs], tf_shape, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# TF checkpoints
-
-
-def find_checkpoint(path):
-    """Checkpoint prefix for a model directory (latest checkpoint) or a prefix path."""
     from gptsan.compat import tf
 
+    prefix = None
     if fileio.isdir(path):
         prefix = tf.train.latest_checkpoint(path)
-        if prefix and fileio.exists(prefix + ".index"):
-            return prefix
-        # No usable `checkpoint` index file (e.g. copied from another machine): take the
-        # highest-numbered `*.index` in the directory.
-        candidates = [f[:-len(".index")] for f in fileio.listdir(path) if f.endswith(".index")]
-        if not candidates:
+        if not (prefix and fileio.exists(prefix + ".index")):
+            # No usable `checkpoint` index file (e.g. copied from another machine): take the
+            # highest-numbered `*.index` in the directory.
+            candidates = [f[:-len(".index")] for f in fileio.listdir(path) if f.endswith(".index")]
+            prefix = (fileio.join(path, max(candidates, key=lambda p: (_step_of(p), p)))
+                      if candidates else None)
+        if prefix is None and required:
             raise GPTSANError(f"no TF checkpoint in {path} (expected a 'checkpoint' file and "
                               f"{CHECKPOINT_BASENAME}-<step>.index)")
-        best = max(candidates, key=lambda p: (_step_of(p), p))
-        return fileio.join(path, best)
-    if fileio.exists(path + ".index"):
-        return path
-    raise GPTSANError(f"{path} is neither a model directory nor a TF checkpoint prefix")
+    elif fileio.exists(path + ".index"):
+        prefix = path
+    elif required:
+        raise GPTSANError(f"{path} is neither a model directory nor a TF checkpoint prefix")
+    return prefix
 
 
 def _step_of(prefix):
     match = re.search(r"-(\d+)$", prefix)
     return int(match.group(1)) if match else -1
+
+
+def check_checkpoint(prefix, model, source=None, complete=True, model_source=None):
+    """{name: shape} of every tensor in checkpoint `prefix` (model variables, optimizer slots,
+    global_step), after checking its model variables against ModelConfig `model` with
+    `variables.check_variables` (`complete`, `model_source`: see there; other tensors are
+    allowed). `source` names the checkpoint in messages (default: its prefix)."""
+    shapes = {name: ref.shape for name, ref in tensorio.tf_checkpoint_refs(prefix).items()}
+    check_variables(shapes, model, source or f"checkpoint {prefix}", complete=complete,
+                    others=True, model_source=model_source)
+    return shapes
 
 
 def read_tf_checkpoint(path, progress=False):
@@ -489,32 +72,31 @@ def read_tf_checkpoint(path, progress=False):
     "Checkpoint names" table are skipped.
     Floating variables are returned as float32 (float16/bfloat16 are widened exactly).
     """
-    refs = open_tf_checkpoint(path)
-    return {name: _widen(refs[name].load())
-            for name in tqdm(sorted(refs), desc="reading", unit="var", disable=not progress)}
+    return _load_all(open_tf_checkpoint(path), progress)
 
 
 def open_tf_checkpoint(path):
     """{name: TensorRef} of the model variables in a checkpoint (read when loaded)."""
     prefix = find_checkpoint(path)
     refs = {name: ref for name, ref in tensorio.tf_checkpoint_refs(prefix).items()
-            if _TF_NAME_PATTERN.match(name)}
+            if is_model_variable(name)}
     if not refs:
         raise GPTSANError(f"checkpoint {prefix} has no GPTSAN model variables "
                           "(model/..., pasts/...)")
     return refs
 
 
-def _widen(value):
-    """Floating arrays (float16, bfloat16) -> float32, exactly; float32 is returned as is."""
-    return tensorio.cast_floating(value, np.dtype(np.float32))
+def _load_all(refs, progress):
+    """{name: array} of {name: TensorRef}; floating arrays (float16, bfloat16) are widened to
+    float32 exactly."""
+    return {name: tensorio.cast_floating(refs[name].load(), np.dtype(np.float32)) for name in tqdm(
+        sorted(refs), desc="reading", unit="var", disable=not progress)}
 
 
 def read_model_dir(model_dir, progress=False):
     """({name: float32 array}, GPTSANConfig) of a model directory (see `open_model_dir`)."""
     refs, config = open_model_dir(model_dir)
-    return {name: _widen(refs[name].load()) for name in tqdm(
-        sorted(refs), desc="reading", unit="var", disable=not progress)}, config
+    return _load_all(refs, progress), config
 
 
 def open_model_dir(model_dir):
@@ -532,19 +114,23 @@ def open_model_dir(model_dir):
     inferred = infer_model_config(variables, model_dir,
                                   num_pallarelizm=declared.model.num_pallarelizm,
                                   train_mode=declared.model.train_mode)
-    _check_declared(inferred, {f: getattr(declared.model, f) for f in _SHAPE_FIELDS
-                               if _is_shape_relevant(inferred, f)},
-                    params_path, lambda f: f"model_params.{f}")
+    check_declared(inferred, {f: getattr(declared.model, f) for f in SHAPE_FIELDS
+                              if is_shape_relevant(inferred, f)},
+                   params_path, lambda f: f"model_params.{f}")
     return variables, declared
 
 
-def _is_shape_relevant(model, field):
-    """Widths of absent parts (no Switch / no extra layers) cannot be seen in the weights."""
-    if field in ("num_experts", "num_moe_hidden"):
-        return model.num_switch_layers > 0
-    if field == "num_ext_hidden":
-        return model.num_ext_layers > 0
-    return True
+def open_source_dir(model_dir):
+    """({name: TensorRef}, config, checked vocabulary or None) of a model directory a tool
+    reads from. With a parameters.json the vocabulary is checked before the weights are read
+    (fails fast); the weights are read one at a time later."""
+    named = os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE))
+    vocab = fingerprint.model_vocabulary(model_dir, required=False) if named else None
+    variables, config = open_model_dir(model_dir)
+    if not named:  # a bare checkpoint: its config comes from the weights
+        vocab = fingerprint.model_vocabulary(model_dir, config, required=False)
+    fingerprint.announce(vocab)
+    return variables, config, vocab
 
 
 def write_tf_checkpoint(model_dir, variables, config, step=0, force=False, progress=False,
@@ -561,21 +147,10 @@ def write_tf_checkpoint(model_dir, variables, config, step=0, force=False, progr
     config = _as_gptsan_config(config)
     check_variables(variables, config.model, "the variables to write")
     dtype = tensorio.storage_dtype(dtype) if dtype else None
-    with _atomic_output_dir(model_dir, force) as tmp:
+    with fileio.atomic_output_dir(model_dir, force) as tmp:
         _save_variables(tmp, variables, step, progress, dtype)
         config.to_json_file(os.path.join(tmp, PARAMETERS_FILE))
-        _write_files(tmp, files or {})
-
-
-def _write_files(directory, files):
-    """Writes {name: bytes or source path} into `directory`."""
-    for name, content in files.items():
-        target = os.path.join(directory, name)
-        if isinstance(content, bytes):
-            with open(target, "wb") as f:
-                f.write(content)
-        else:
-            shutil.copyfile(content, target)
+        fileio.write_files(tmp, files or {})
 
 
 def _as_gptsan_config(config):
@@ -597,380 +172,3 @@ def _save_variables(directory, variables, step, progress, dtype=None):
     writer.add(GLOBAL_STEP_NAME, np.int64(step))
     writer.close()
     tensorio.write_checkpoint_state(directory, name)
-
-
-@contextlib.contextmanager
-def _atomic_output_dir(dst, force):
-    """Yields a temp dir next to `dst`; on success it becomes `dst` (old one removed if force)."""
-    dst = os.path.abspath(dst)
-    check_output_dir(dst, force)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-        old = None
-        if os.path.isdir(dst):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-            os.rename(dst, os.path.join(old, "dir"))
-        os.rename(tmp, dst)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_dir(dst, force):
-    """GPTSANError if `dst` cannot be (re)written: a file, or a non-empty dir without force."""
-    if os.path.exists(dst) and not os.path.isdir(dst):
-        raise GPTSANError(f"output {dst} exists and is not a directory")
-    if os.path.isdir(dst) and os.listdir(dst) and not force:
-        raise GPTSANError(f"output directory {dst} exists and is not empty "
-                          "(use --force to replace it)")
-
-
-def _check_distinct(src, dst):
-    src, dst = os.path.realpath(src), os.path.realpath(dst)
-    if src == dst or src.startswith(dst + os.sep) or dst.startswith(src + os.sep):
-        raise GPTSANError(f"source {src} and destination {dst} must be separate directories")
-
-
-# ----------------------------------------------------------------------------------------------
-# HF directories
-
-
-def read_hf_dir(hf_dir):
-    """({HF name: np.ndarray}, config dict) of a transformers GPTSanJapanese directory."""
-    refs, hf_config = open_hf_dir(hf_dir)
-    return {name: ref.load() for name, ref in refs.items()}, hf_config
-
-
-def open_hf_dir(hf_dir):
-    """({HF name: TensorRef}, config dict) of a transformers GPTSanJapanese directory.
-
-    Weights: `model.safetensors`, its sharded `.index.json`, or `pytorch_model.bin` (and its
-    shards); nothing is read until a tensor is loaded.
-    """
-    if not os.path.isdir(hf_dir):
-        raise GPTSANError(f"HF model directory not found: {hf_dir}")
-    config_path = os.path.join(hf_dir, HF_CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise GPTSANError(f"{hf_dir} has no {HF_CONFIG_FILE}: not an HF model directory (the "
-                          "number of attention heads cannot be inferred from the weights)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            hf_config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GPTSANError(f"{config_path} is not valid JSON: {err}") from None
-    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
-    if model_type != HF_MODEL_TYPE:
-        raise GPTSANError(f"{config_path}: model_type is {model_type!r}, "
-                          f"expected {HF_MODEL_TYPE!r}")
-    return _open_hf_weights(hf_dir), hf_config
-
-
-# weight files of an HF directory, in the order transformers prefers them:
-# (single file, sharded index, reader)
-_HF_WEIGHT_FILES = ((HF_SAFETENSORS_FILE, HF_SAFETENSORS_INDEX, tensorio.read_safetensors),
-                    (HF_TORCH_FILE, HF_TORCH_INDEX, tensorio.read_torch_bin))
-
-
-def _open_hf_weights(hf_dir):
-    for single, index, reader in _HF_WEIGHT_FILES:
-        if os.path.exists(os.path.join(hf_dir, single)):
-            return reader(os.path.join(hf_dir, single))
-        if os.path.exists(os.path.join(hf_dir, index)):
-            weight_map = read_json(os.path.join(hf_dir, index), "weight index").get(
-                "weight_map", {})
-            refs = {}
-            for shard in sorted(set(weight_map.values())):
-                refs.update(reader(os.path.join(hf_dir, shard)))
-            return refs
-    raise GPTSANError(f"{hf_dir} has no {HF_SAFETENSORS_FILE}, {HF_SAFETENSORS_INDEX}, "
-                      f"{HF_TORCH_FILE} or {HF_TORCH_INDEX}")
-
-
-def hf_config_dict(model):
-    """config.json contents for transformers' GPTSanJapaneseConfig."""
-    v = model.num_vocabulary
-    return {
-        "architectures": [HF_ARCHITECTURE],
-        "model_type": HF_MODEL_TYPE,
-        "vocab_size": v,
-        "max_position_embeddings": model.num_contexts,
-        "d_model": model.num_hidden,
-        "d_ff": model.num_moe_hidden,
-        "d_ext": model.num_ext_hidden,
-        "d_spout": model.num_spout,
-        "num_switch_layers": model.num_switch_layers,
-        "num_ext_layers": model.num_ext_layers,
-        "num_layers": model.num_layers,
-        "num_heads": model.num_header,
-        "num_experts": model.num_experts,
-        "layer_norm_epsilon": HF_LAYER_NORM_EPSILON,
-        "separator_token_id": v - HF_SEPARATOR_FROM_END,
-        "pad_token_id": v - HF_PAD_FROM_END,
-        "eos_token_id": v - HF_EOS_FROM_END,
-        "torch_dtype": "float32",
-    }
-
-
-# HF config.json key -> ModelConfig field (checked against the weights when converting from HF)
-_HF_CONFIG_FIELDS = {
-    "vocab_size": "num_vocabulary", "max_position_embeddings": "num_contexts",
-    "d_model": "num_hidden", "d_ff": "num_moe_hidden", "d_ext": "num_ext_hidden",
-    "d_spout": "num_spout", "num_switch_layers": "num_switch_layers",
-    "num_ext_layers": "num_ext_layers", "num_experts": "num_experts",
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole-directory conversions
-
-
-def convert_hf_to_gptsan(hf_dir, model_dir, vocab=None, emoji=None, force=False, progress=False,
-                         train_config=None, dtype="float32"):
-    """HF GPTSanJapanese directory -> GPTSAN model directory. Returns the GPTSANConfig.
-
-    One tensor at a time: peak memory is about the largest TF tensor, whatever the model size.
-    `dtype` is the checkpoint's storage dtype (float32 | float16 | bfloat16; float16/bfloat16
-    inputs are cast tensor by tensor). `vocab`/`emoji` are copied into the model directory;
-    when not given, the HF tokenizer's `vocab.txt`/`emoji.json` in `hf_dir` are used if present.
-    """
-    _check_distinct(hf_dir, model_dir)
-    check_output_dir(os.path.abspath(model_dir), force)
-    hf_state, hf_config = open_hf_dir(hf_dir)
-    if "num_heads" not in hf_config:
-        raise GPTSANError(f"{os.path.join(hf_dir, HF_CONFIG_FILE)} has no num_heads")
-    tf_vars, model = hf_to_tf_refs(hf_state, hf_config["num_heads"], source=hf_dir,
-                                   dtype=tensorio.storage_dtype(dtype))
-    _check_declared(model, {field: hf_config[key] for key, field in _HF_CONFIG_FIELDS.items()
-                            if key in hf_config and _is_shape_relevant(model, field)},
-                    os.path.join(hf_dir, HF_CONFIG_FILE), lambda f: _hf_key(f))
-    record, files = _hf_vocabulary(model, hf_dir, hf_config, vocab, emoji)
-    config = GPTSANConfig(model=model, train=train_config or TrainConfig(), vocabulary=record)
-    write_tf_checkpoint(model_dir, tf_vars, config, force=force, progress=progress, files=files)
-    return config
-
-
-def _hf_key(field):
-    return next(k for k, f in _HF_CONFIG_FIELDS.items() if f == field)
-
-
-def _hf_vocabulary(model, hf_dir, hf_config, vocab, emoji):
-    """(record, {name: content}) of the vocabulary an HF directory goes with: `vocab`/`emoji` or
-    its vocab.txt/emoji.json, checked against the record in its config.json (gptsan.fingerprint).
-    (None, {}) when there is none: the model directory gets the weights only."""
-    config_path = os.path.join(hf_dir, HF_CONFIG_FILE)
-    record = fingerprint.hf_record(hf_config, config_path)
-    files = fingerprint.resolve(hf_dir, record, os.path.join(hf_dir, HF_VOCAB_FILE),
-                                os.path.join(hf_dir, HF_EMOJI_FILE), vocab, emoji, required=False,
-                                model=model, owner=config_path)
-    if files is None:
-        return None, {}
-    fingerprint.announce(files)
-    record = files.record(name=record.vocab_name if record else None)
-    return record, files.model_dir_files(record)
-
-
-def convert_gptsan_to_hf(model_dir, hf_dir, force=False, progress=False, dtype="float32"):
-    """GPTSAN model directory -> HF directory (`config.json`, `model.safetensors`, and the
-    tokenizer's `vocab.txt`/`emoji.json` when the model directory has them). Returns the config.
-
-    One tensor at a time (peak memory about two TF tensors); `dtype` is the safetensors' dtype.
-    """
-    _check_distinct(model_dir, hf_dir)
-    check_output_dir(os.path.abspath(hf_dir), force)
-    variables, config, vocab = _open_source(model_dir)
-    hf_config, files = hf_config_dict(config.model), {}
-    hf_config["torch_dtype"] = dtype
-    if vocab is not None:  # config.json records the vocabulary too (HF ignores the key)
-        record = dataclasses.replace(vocab.record(keep=config.vocabulary),
-                                     vocab_file=HF_VOCAB_FILE, emoji_file=HF_EMOJI_FILE)
-        hf_config[fingerprint.HF_RECORD_KEY] = dataclasses.asdict(record)
-        files = vocab.model_dir_files(record)
-    hf_state = tf_to_hf_refs(variables, config.model, tensorio.storage_dtype(dtype))
-    with _atomic_output_dir(hf_dir, force) as tmp, tqdm(
-            total=len(hf_state), desc="writing", unit="tensor", disable=not progress) as bar:
-        tensorio.write_safetensors(os.path.join(tmp, HF_SAFETENSORS_FILE), hf_state,
-                                   metadata=tensorio.SAFETENSORS_FORMAT,
-                                   progress=lambda _: bar.update(1))
-        with open(os.path.join(tmp, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        _write_files(tmp, files)
-    return config
-
-
-def _open_source(model_dir):
-    """({name: TensorRef}, config, checked vocabulary or None) of a source model directory.
-    With a parameters.json the vocabulary is checked before the weights are read (fails
-    fast); the weights are read one at a time later."""
-    named = os.path.isfile(os.path.join(model_dir, PARAMETERS_FILE))
-    vocab = fingerprint.model_vocabulary(model_dir, required=False) if named else None
-    variables, config = open_model_dir(model_dir)
-    if not named:  # a bare checkpoint: its config comes from the weights
-        vocab = fingerprint.model_vocabulary(model_dir, config, required=False)
-    fingerprint.announce(vocab)
-    return variables, config, vocab
-
-
-def detect_format(directory):
-    """"gptsan" (parameters.json / TF checkpoint) or "hf" (config.json + weights)."""
-    if not os.path.isdir(directory):
-        raise GPTSANError(f"source directory not found: {directory}")
-    names = set(os.listdir(directory))
-    if names & {PARAMETERS_FILE, "checkpoint"} or any(n.endswith(".index") for n in names):
-        return "gptsan"
-    weights = {HF_SAFETENSORS_FILE, HF_SAFETENSORS_INDEX, HF_TORCH_FILE}
-    if HF_CONFIG_FILE in names and names & weights:
-        return "hf"
-    raise GPTSANError(f"{directory} is neither a GPTSAN model directory (parameters.json + TF "
-                      f"checkpoint) nor an HF one ({HF_CONFIG_FILE} + {HF_SAFETENSORS_FILE})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Adding extra dense layers (published tools/run_modelconvert.py --add_extra_stage)
-
-ADD_INIT_STD = 0.02  # published run_modelconvert: standard_normal * 0.02 for every random tensor
-ADD_INITS = ("published", "fan_in")  # --init: N(0, 0.02) | N(0, fan_in^-0.5) and zero biases
-SPOUT_OUTS = ("reinit", "extend")  # --spout_out: pasts/out/kernel drawn anew | zero-extended
-FROZEN_LISTS = ("source", "existing")  # --frozen: the source's ignore-params.json | generated
-TRANSFORMER_PARAMS_FILE = "transformer-params.json"  # published: the variables kept
-ALL_PARAMS_FILE = "all-params.json"  # published: kept + added variables
-
-
-def add_extra_layers(variables, model, num_new, seed=0, init="published", spout_out="reinit"):
-    """Appends `num_new` dense layers after the existing ones, lazily.
-
-    `variables`: {name: array or TensorRef}. Returns ({name: array or TensorRef}, new
-    ModelConfig, kept names, added names); nothing is drawn or read until loaded, and each
-    new tensor is drawn from its own generator (seed, crc32(name)), so the result does not
-    depend on the order of loading. New layers use the GLOBAL index L..L+num_new-1.
-
-    init="published" (the published tool): every random tensor ~ N(0, 1) * 0.02 -- the four
-    kernels of each layer AND its two MLP biases; LayerNorm g=1, b=0.
-    init="fan_in": kernels ~ N(0, fan_in^-0.5), zero biases (the training init of
-    gptsan.modeling). `model/ete` is zero when the model had no extra layers (both).
-    spout_out="reinit" (published): `pasts/out/kernel` [spout, (L+N)*2*d] is drawn anew like
-    the kernels. spout_out="extend": its old columns are kept (column block l*2*d..(l+1)*2*d is
-    layer l's spout K/V) and the new layers' block is zero -- a zero key and value leave the
-    new layers' spout slot neutral until fine-tuning learns it.
-    """
-    model = getattr(model, "model", model)
-    if num_new <= 0:
-        raise GPTSANError(f"the number of layers to add must be > 0, got {num_new}")
-    if init not in ADD_INITS or spout_out not in SPOUT_OUTS:
-        raise GPTSANError(f"init must be one of {ADD_INITS} and spout_out one of {SPOUT_OUTS}")
-    check_variables(variables, model)
-    new_model = dataclasses.replace(model, num_ext_layers=model.num_ext_layers + num_new)
-    d, hidden = model.num_hidden, new_model.num_ext_hidden
-    shapes = expected_variable_shapes(new_model)
-    published = init == "published"
-
-    def normal(name, fan_in):
-        std = ADD_INIT_STD if published else fan_in ** -0.5
-        return TensorRef(shapes[name], np.dtype(np.float32), functools.partial(
-            _draw_normal, seed, name, shapes[name], std))
-
-    def const(name, fill):
-        return TensorRef(shapes[name], np.dtype(np.float32),
-                         functools.partial(_filled, shapes[name], fill))
-
-    added = {}
-    for layer in range(model.num_layers, new_model.num_layers):
-        for name, fan_in in ((f"model/att{layer}/qkv/kernel", d), (f"model/att{layer}/o/kernel", d),
-                             (f"model/mlp{layer}/p1/kernel", d),
-                             (f"model/mlp{layer}/p2/kernel", hidden)):
-            added[name] = normal(name, fan_in)
-        for norm in ("an", "ln"):
-            added[f"model/{norm}{layer}/g"] = const(f"model/{norm}{layer}/g", 1.0)
-            added[f"model/{norm}{layer}/b"] = const(f"model/{norm}{layer}/b", 0.0)
-        for bias, fan_in in ((f"model/mlp{layer}/p1/bias", d),
-                             (f"model/mlp{layer}/p2/bias", hidden)):
-            added[bias] = normal(bias, fan_in) if published else const(bias, 0.0)
-    if "model/ete" not in variables:
-        added["model/ete"] = const("model/ete", 0.0)
-    if model.num_spout:
-        name = "pasts/out/kernel"
-        if spout_out == "reinit":
-            added[name] = normal(name, model.num_spout)
-        else:
-            added[name] = TensorRef(shapes[name], variables[name].dtype, functools.partial(
-                _zero_extend, variables[name], shapes[name]))
-    kept = sorted(n for n in variables if n not in added)
-    out = {**{n: variables[n] for n in kept}, **added}
-    check_variables(out, new_model, "the extended model")
-    return out, new_model, kept, list(added)
-
-
-def _draw_normal(seed, name, shape, std):
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-    value = rng.standard_normal(dtype=np.float32, out=tensorio.aligned_empty(shape, np.float32))
-    value *= np.float32(std)  # in place: one array of the tensor's size
-    return value
-
-
-def _filled(shape, fill):
-    value = tensorio.aligned_empty(shape, np.float32)
-    value.fill(fill)
-    return value
-
-
-def _zero_extend(old, shape):
-    old = tensorio.value_of(old)  # [spout, L*2*d]
-    grown = tensorio.aligned_empty(shape, old.dtype)  # [spout, (L+N)*2*d]
-    grown[:, :old.shape[1]] = old
-    grown[:, old.shape[1]:] = 0
-    return grown
-
-
-def add_layers_to_model_dir(src, dst, num_new, seed=0, force=False, progress=False,
-                            init="published", spout_out="reinit", frozen="source"):
-    """Model directory `src` + `num_new` extra layers -> model directory `dst`, streamed.
-
-    Writes the extended checkpoint (model variables and global_step 0, no optimizer slots:
-    `run_train.py --init_checkpoint` starts a fresh optimizer), `parameters.json`
-    (num_ext_layers + N, train_params.output_dir = basename(dst) as published), the
-    vocabulary/emoji copies, `ignore-params.json`, and the published `transformer-params.json`
-    (kept variables) / `all-params.json` (kept + added). `frozen="source"` (published) copies
-    the source's ignore-params.json unchanged; `frozen="existing"` writes every variable the
-    source had except `pasts/out/kernel`. Returns the new GPTSANConfig.
-    """
-    if frozen not in FROZEN_LISTS:
-        raise GPTSANError(f"frozen must be one of {FROZEN_LISTS}, got {frozen!r}")
-    _check_distinct(src, dst)
-    check_output_dir(os.path.abspath(dst), force)
-    source_ignore = os.path.join(src, IGNORE_PARAMS_FILE)
-    if frozen == "source" and not os.path.isfile(source_ignore):
-        raise GPTSANError(f"{src} has no {IGNORE_PARAMS_FILE} (the published tool copies it); "
-                          "pass --frozen existing to freeze every variable of the source")
-    variables, config, vocab = _open_source(src)
-    new_vars, new_model, kept, added = add_extra_layers(variables, config.model, num_new, seed,
-                                                        init=init, spout_out=spout_out)
-    if frozen == "source":
-        names = read_json(source_ignore, IGNORE_PARAMS_FILE)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise GPTSANError(f"{source_ignore} must be a JSON list of variable names")
-        files = {IGNORE_PARAMS_FILE: source_ignore}
-    else:
-        files = {IGNORE_PARAMS_FILE: _json_bytes(sorted(n for n in variables
-                                                        if n != "pasts/out/kernel"))}
-    files[TRANSFORMER_PARAMS_FILE] = _json_bytes(kept)
-    files[ALL_PARAMS_FILE] = _json_bytes(kept + added)
-    record = None
-    if vocab is not None:
-        record = vocab.record(keep=config.vocabulary)
-        files.update(vocab.model_dir_files(record))
-    train = dataclasses.replace(config.train, output_dir=os.path.basename(os.path.abspath(dst)))
-    new_config = GPTSANConfig(model=new_model, train=train, vocabulary=record)
-    write_tf_checkpoint(dst, new_vars, new_config, force=force, progress=progress, files=files)
-    return new_config
-
-
-def _json_bytes(names):
-    return (json.dumps(names, indent=1) + "\n").encode("utf-8")

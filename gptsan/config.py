@@ -186,27 +186,6 @@ class GPTSANConfig:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
-def count_parameters(model):
-    """Parameter counts by part, from the config alone (nothing is allocated).
-
-    Returns {"backbone", "spout", "total"}; "backbone" is everything but the spout adapter,
-    the figure the published model card gives (2,776,248,480 for GPTSAN-2.8B).
-    """
-    d, v, c = model.num_hidden, model.num_vocabulary, model.num_contexts
-    attention = 4 * d * d + 2 * 2 * d  # qkv + o kernels, two LayerNorms (g, b)
-    switch = (d * model.num_experts + d * d  # router, softmlp
-              + 2 * model.num_experts * d * model.num_moe_hidden)  # wi, wo
-    ext = 2 * d * model.num_ext_hidden + model.num_ext_hidden + d  # p1, p2 with biases
-    backbone = (v * d + c * d + (c * d if model.num_ext_layers else 0)  # wte, wpe, ete
-                + model.num_switch_layers * (attention + switch)
-                + model.num_ext_layers * (attention + ext)
-                + d * d + d + v)  # head dense + bias, wob
-    spout = 0
-    if model.num_spout:
-        spout = SPOUT_DEPTH * model.num_spout ** 2 + model.num_spout * model.num_layers * 2 * d
-    return {"backbone": backbone, "spout": spout, "total": backbone + spout}
-
-
 SPOUT_DEPTH = 8  # published spout: 8 tanh dense layers before the K/V projection
 
 

@@ -21,12 +21,13 @@ from gptsan import fileio
 from gptsan import fingerprint
 from gptsan import mesh as mesh_lib
 from gptsan import optimization, tensorio
-from gptsan.checkpoint import expected_variable_shapes, find_checkpoint
+from gptsan.checkpoint import check_checkpoint, find_checkpoint
 from gptsan.compat import mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
 from gptsan.layers import softmax_cross_entropy
 from gptsan.spout import SPOUT_VECTORS, spout_vectors  # noqa: F401 (re-exported for run_train)
+from gptsan.variables import variable_shapes
 
 Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
 LOSS_DENOMINATOR_EPSILON = 1e-5  # published: sum(mask * loss) / (sum(mask) + 1e-5)
@@ -475,7 +476,7 @@ class ProgressBar(tf.train.SessionRunHook):
 
 def latest_global_step(model_dir):
     """global_step of the newest checkpoint in `model_dir` (0 when there is none)."""
-    path = tf.train.latest_checkpoint(model_dir) if model_dir and fileio.isdir(model_dir) else None
+    path = find_checkpoint(model_dir, required=False) if model_dir else None
     if not path:
         return 0
     return int(tf.train.NewCheckpointReader(path).get_tensor(tf.GraphKeys.GLOBAL_STEP))
@@ -606,29 +607,6 @@ def vocabulary_size(path):
     return len(fingerprint.vocabulary_text(path).split("\n"))
 
 
-def checkpoint_shapes(path):
-    """{name: shape} of the newest checkpoint in a directory / of a prefix; None when absent."""
-    if fileio.isdir(path) and not tf.train.latest_checkpoint(path) and not any(
-            f.endswith(".index") for f in fileio.listdir(path)):
-        return None
-    prefix = find_checkpoint(path)
-    try:
-        return {n: tuple(s) for n, s in
-                tf.train.NewCheckpointReader(prefix).get_variable_to_shape_map().items()}
-    except tf.errors.OpError as err:
-        raise GPTSANError(f"cannot read checkpoint {prefix}: "
-                          f"{err.message.splitlines()[0]}") from None
-
-
-def check_checkpoint_shapes(stored, model, source):
-    """Every model variable in `stored` must have the shape `model` needs."""
-    for name, shape in expected_variable_shapes(model).items():
-        if name in stored and tuple(stored[name]) != tuple(shape):
-            what = "vocabulary size" if name in ("model/wte", "model/wob") else "shape"
-            raise GPTSANError(f"{source}: {name} has shape {list(stored[name])} but the config "
-                              f"needs {list(shape)} ({what} differs)")
-
-
 def slot_names(name, optimizer):
     """Optimizer slot variable names of variable `name` (a resumed run needs them)."""
     if optimizer == "adam":
@@ -645,7 +623,7 @@ def check_resumable(stored, model, ignore_names, optimizer, model_dir):
     def has_slots(name, kind):
         return any(slot in stored for slot in slot_names(name, kind))
 
-    trainable = [n for n in expected_variable_shapes(model) if n not in set(ignore_names)]
+    trainable = [n for n in variable_shapes(model) if n not in set(ignore_names)]
     for other in ("adam", "adafactor"):
         if other != optimizer and any(has_slots(n, other) for n in trainable):
             raise GPTSANError(f"{model_dir} was trained with --optimizer {other}; resume with the "
@@ -677,7 +655,7 @@ def check_frozen_dtype(model_dir, ignore_names, frozen_dtype):
 
 def check_ignore_names(names, model):
     """The ignore list must name model variables and leave at least one to train."""
-    expected = expected_variable_shapes(model)
+    expected = variable_shapes(model)
     optimization.check_known_names(names, expected)
     if len(set(names)) == len(expected):
         raise GPTSANError("--ignore_parameters freezes every variable: nothing left to train")
@@ -722,9 +700,9 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
             and GPTSANConfig.from_json_file(existing_params).model != model):
         raise GPTSANError(f"{model_dir} holds a different model (its {PARAMETERS_FILE} differs "
                           "from the parameter file); choose another --model_dir")
-    stored = checkpoint_shapes(model_dir) if fileio.isdir(model_dir) else None
-    if stored is not None:  # resume: the init checkpoint is not used
-        check_checkpoint_shapes(stored, model, model_dir)
+    prefix = find_checkpoint(model_dir, required=False)
+    if prefix is not None:  # resume: the init checkpoint is not used
+        stored = check_checkpoint(prefix, model, model_dir)
         check_resumable(stored, model, ignore_names, train.optimizer, model_dir)
         check_frozen_dtype(model_dir, ignore_names, frozen_dtype)
         dynamic_scale = dtype == "float16" and dynamic_loss_scale
@@ -735,12 +713,11 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
         return files, None
     if not init_checkpoint:
         return files, None
-    init_stored = checkpoint_shapes(init_checkpoint) if fileio.exists(init_checkpoint) or \
-        fileio.exists(init_checkpoint + ".index") else None
-    if init_stored is None:
+    prefix = find_checkpoint(init_checkpoint, required=False)
+    if prefix is None:
         raise GPTSANError(f"no checkpoint in --init_checkpoint {init_checkpoint}")
-    check_checkpoint_shapes(init_stored, model, init_checkpoint)
-    return files, find_checkpoint(init_checkpoint)
+    check_checkpoint(prefix, model, init_checkpoint, complete=False)
+    return files, prefix
 
 
 def write_model_dir(config, vocabulary, emoji):

@@ -1,12 +1,14 @@
 """Small file helpers shared by the CLIs: JSON reading with one-line errors, output checks,
-atomic writes.
+atomic writes of files and of whole output directories.
 
 Paths with a scheme (`gs://bucket/...` for TPU runs, `ram://` in tests) go through
 `tf.io.gfile` (TensorFlow is imported only then); plain paths use the standard library.
 """
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 
 from gptsan.errors import GPTSANError
 
@@ -137,6 +139,59 @@ def check_output_path(path, force):
     parent = os.path.dirname(os.path.abspath(path)) if path else None
     if parent and not os.path.isdir(parent):
         raise GPTSANError(f"output directory {parent} does not exist")
+
+
+def check_output_dir(dst, force):
+    """GPTSANError if `dst` cannot be (re)written: a file, or a non-empty dir without force."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise GPTSANError(f"output {dst} exists and is not a directory")
+    if os.path.isdir(dst) and os.listdir(dst) and not force:
+        raise GPTSANError(f"output directory {dst} exists and is not empty "
+                          "(use --force to replace it)")
+
+
+def check_separate_dirs(src, dst):
+    """GPTSANError unless neither directory is (inside) the other."""
+    src, dst = os.path.realpath(src), os.path.realpath(dst)
+    if src == dst or src.startswith(dst + os.sep) or dst.startswith(src + os.sep):
+        raise GPTSANError(f"source {src} and destination {dst} must be separate directories")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst, force):
+    """Yields a temp dir next to `dst`; on success it becomes `dst` (old one removed if force).
+    On an error nothing is left behind."""
+    dst = os.path.abspath(dst)
+    check_output_dir(dst, force)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        old = None
+        if os.path.isdir(dst):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            os.rename(dst, os.path.join(old, "dir"))
+        os.rename(tmp, dst)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_files(directory, files):
+    """Writes {name: bytes or source path} into `directory`."""
+    for name, content in files.items():
+        target = os.path.join(directory, name)
+        if isinstance(content, bytes):
+            with open(target, "wb") as f:
+                f.write(content)
+        else:
+            shutil.copyfile(content, target)
 
 
 def write_json_atomic(path, data, indent=None, ascii_only=False):

@@ -15,11 +15,13 @@ import numpy as np
 
 from gptsan import fileio, tensorio
 from gptsan import mesh as meshlib
+from gptsan.checkpoint import check_checkpoint, find_checkpoint
 from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
-from gptsan.modeling import MODEL_VARIABLE_PREFIXES, KVCache, build_model, variable_shapes
+from gptsan.modeling import KVCache, build_model
 from gptsan.switch import GroupRouting, expert_capacity, split_into_groups
+from gptsan.variables import MODEL_VARIABLE_PREFIXES
 
 MAX_PROGRAMS = 8  # input shapes kept callable at once (each adds its ops to the graph)
 
@@ -42,8 +44,8 @@ class Predictor:
         self.model_dir = model_dir
         self.config = _load_config(model_dir)
         self.model_config = self.config.model
-        self.checkpoint = _find_checkpoint(model_dir)
-        _check_checkpoint(self.checkpoint, self.model_config)
+        self.checkpoint = find_checkpoint(model_dir)
+        check_checkpoint(self.checkpoint, self.model_config, model_source=PARAMETERS_FILE)
         self.mesh_shape = meshlib.parse_mesh_shape(mesh_shape)
         self.model_config.validate_model_parallel(meshlib.model_parallel_size(self.mesh_shape))
         self.variable_dtype = meshlib.dtype_policy(dtype)
@@ -480,31 +482,6 @@ def _load_config(model_dir):
     if not fileio.isfile(fileio.join(model_dir, PARAMETERS_FILE)):
         raise GPTSANError(f"{model_dir} has no {PARAMETERS_FILE}: not a GPTSAN model directory")
     return GPTSANConfig.from_json_file(model_dir)
-
-
-def _find_checkpoint(model_dir):
-    prefix = tf.train.latest_checkpoint(model_dir)
-    if prefix is None or not fileio.exists(prefix + ".index"):
-        raise GPTSANError(f"no TF checkpoint in {model_dir} (expected a 'checkpoint' file and "
-                          "model.ckpt-<step>.index)")
-    return prefix
-
-
-def _check_checkpoint(prefix, config):
-    """The checkpoint must hold every variable of `config` with the same shape."""
-    try:
-        stored = tf.train.NewCheckpointReader(prefix).get_variable_to_shape_map()
-    except tf.errors.OpError as err:
-        raise GPTSANError(f"cannot read checkpoint {prefix}: "
-                          f"{err.message.splitlines()[0]}") from None
-    for name, shape in variable_shapes(config).items():
-        if name not in stored:
-            raise GPTSANError(f"checkpoint {prefix} lacks {name} required by "
-                              f"{PARAMETERS_FILE}; parameters.json does not match the checkpoint")
-        if list(stored[name]) != list(shape):
-            raise GPTSANError(f"checkpoint variable {name} has shape {list(stored[name])} but "
-                              f"{PARAMETERS_FILE} implies {list(shape)}; parameters.json does "
-                              "not match the checkpoint")
 
 
 def _load_encoder(model_dir, config):

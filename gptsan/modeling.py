@@ -20,7 +20,6 @@ from gptsan.errors import GPTSANError
 from gptsan.layers import dense, normal_initializer
 from gptsan.switch import RouterStats, switch_ffn
 
-MODEL_VARIABLE_PREFIXES = ("model/", "pasts/")  # model weights (vs optimizer slots, global_step)
 LAYER_NORM_EPSILON = 1e-5  # published (and HF) LayerNorm epsilon
 MASKED_SCORE = -1e4  # published: masked attention scores become s*m - (1-m)*1e4
 # Initialisation of a model trained from scratch (HEAD modeling.py): normal stddevs; the
@@ -52,41 +51,6 @@ class ModelOutput:
     router_stats: List[RouterStats]  # one per Switch layer
     presents: List[tuple]  # per layer (K, V) [B, M, H, K] incl. spout; None with a cache
     new_keys_values: List[tuple]  # per layer (k, v) [B, T, H, K] of this call's tokens only
-
-
-def variable_shapes(config):
-    """{TF variable name: shape} of the checkpoint for `config` (docs/ARCHITECTURE.md
-    "Checkpoint names")."""
-    d, v, c = config.num_hidden, config.num_vocabulary, config.num_contexts
-    h, k = config.num_header, config.head_dim
-    shapes = {"model/wte": [v, d], "model/wpe": [c, d], "model/dense/kernel": [d, d],
-              "model/dense_1/bias": [d], "model/wob": [v]}
-    if config.num_ext_layers:
-        shapes["model/ete"] = [c, d]
-    for i in range(config.num_layers):
-        shapes[f"model/att{i}/qkv/kernel"] = [d, 3, h, k]
-        shapes[f"model/att{i}/o/kernel"] = [h, k, d]
-        for norm in (f"an{i}", f"ln{i}"):
-            shapes[f"model/{norm}/g"] = [d]
-            shapes[f"model/{norm}/b"] = [d]
-        if i < config.num_switch_layers:
-            e, f = config.num_experts, config.num_moe_hidden
-            shapes[f"model/moe{i}/switch_gating/kernel"] = [d, e]
-            shapes[f"model/moe{i}/softmlp/kernel"] = [d, d]
-            shapes[f"model/moe{i}/wi/kernel"] = [e, d, f]
-            shapes[f"model/moe{i}/wo/kernel"] = [e, f, d]
-        else:
-            f = config.num_ext_hidden
-            shapes[f"model/mlp{i}/p1/kernel"] = [d, f]
-            shapes[f"model/mlp{i}/p1/bias"] = [f]
-            shapes[f"model/mlp{i}/p2/kernel"] = [f, d]
-            shapes[f"model/mlp{i}/p2/bias"] = [d]
-    if config.num_spout:
-        s = config.num_spout
-        for n in range(SPOUT_DEPTH):
-            shapes[f"pasts/mlp{n}/kernel"] = [s, s]
-        shapes["pasts/out/kernel"] = [s, config.num_layers * 2 * d]
-    return shapes
 
 
 def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,

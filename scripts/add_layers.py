@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from gptsan.checkpoint import (ADD_INITS, FROZEN_LISTS, IGNORE_PARAMS_FILE,  # noqa: E402
-                               SPOUT_OUTS, add_layers_to_model_dir)
+from gptsan.extra_layers import (ADD_INITS, FROZEN_LISTS, IGNORE_PARAMS_FILE,  # noqa: E402
+                                 SPOUT_OUTS, add_layers_to_model_dir)
 from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
 from gptsan.errors import ArgumentParser, run_cli  # noqa: E402
 

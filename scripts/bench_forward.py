@@ -1,7 +1,7 @@
 """Benchmark `Predictor.forward` and incremental decoding against HF PyTorch on the same weights.
 
 A random HF `GPTSanJapaneseForConditionalGeneration` with the shapes of `--config` is saved
-and converted with `gptsan.checkpoint` into a GPTSAN model directory (temp dir), so both
+and converted with `gptsan.hf_format` into a GPTSAN model directory (temp dir), so both
 sides run identical weights. Prints one JSON object (tokens/s, ratios, per-token decode
 latency of the first vs last 32 steps, and the max logit difference as a sanity check).
 
@@ -160,7 +160,7 @@ def main(argv=None):
     except ImportError:
         raise GPTSANError("the benchmark needs torch and transformers (pip install -e '.[test]')") \
             from None
-    from gptsan.checkpoint import convert_hf_to_gptsan
+    from gptsan.hf_format import convert_hf_to_gptsan
 
     model = GPTSANConfig.from_json_file(args.config).model
     if model.num_contexts < DECODE_TOKENS or model.num_contexts < FORWARD_LENGTH:

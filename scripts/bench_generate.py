@@ -5,7 +5,7 @@
         [--skip_full] [--skip_hf]
 
 Builds a model directory with random weights for the config, converts it to HF with
-`gptsan.checkpoint.convert_gptsan_to_hf`, then times each engine in its own process (no
+`gptsan.hf_format.convert_gptsan_to_hf`, then times each engine in its own process (no
 thread-pool sharing between TensorFlow and PyTorch): greedy decoding, batch 1, float32, EOT
 disabled so every run produces exactly `--new_tokens` tokens. Prints one JSON object:
 tokens/s, the median per-token latency, and the median latency of the first and last
@@ -58,9 +58,10 @@ def parse_args(argv):
 
 def random_model_dir(config, path, seed):
     """A model directory with random weights, written one tensor at a time."""
-    from gptsan import checkpoint as ck
+    from gptsan.checkpoint import write_tf_checkpoint
+    from gptsan.variables import random_variables
 
-    ck.write_tf_checkpoint(path, ck.random_variables(config.model, seed), config)
+    write_tf_checkpoint(path, random_variables(config.model, seed), config)
 
 
 def latency_stats(stamps, start, window):
@@ -194,7 +195,7 @@ def main(argv=None):
         model_dir = os.path.join(tmp, "model")
         random_model_dir(config, model_dir, args.seed)
         if "hf" in engines:
-            from gptsan.checkpoint import convert_gptsan_to_hf
+            from gptsan.hf_format import convert_gptsan_to_hf
 
             convert_gptsan_to_hf(model_dir, os.path.join(tmp, "hf"))
         runs, tokens = {}, {}

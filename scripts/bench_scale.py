@@ -9,7 +9,7 @@ process's peak RSS and wall time (steps the chosen ones need are run and reporte
 JSON report gives each figure, its ratio to the float32 weights' byte size and the limits of
 issue 11:
     baseline     python + TensorFlow + gptsan imported, one session (the fixed overhead)
-    random       write a random checkpoint of --config (gptsan.checkpoint.random_variables)
+    random       write a random checkpoint of --config (gptsan.variables.random_variables)
     to_hf        GPTSAN -> HF float32 safetensors        (scripts/convert_checkpoint.py)
     from_hf      HF float32 -> GPTSAN
     to_hf16      GPTSAN -> HF float16 (--dtype float16; the published upload is float16)
@@ -73,15 +73,17 @@ def parse_args(argv):
 
 def write_random(config_path, path, seed):
     """The `random` step's child: a random checkpoint, one tensor in memory at a time."""
-    from gptsan import checkpoint as ck
+    from gptsan.checkpoint import write_tf_checkpoint
+    from gptsan.variables import random_variables
 
     config = GPTSANConfig.from_json_file(config_path)
-    ck.write_tf_checkpoint(path, ck.random_variables(config.model, seed), config)
+    write_tf_checkpoint(path, random_variables(config.model, seed), config)
 
 
 def baseline():
     """The `baseline` step's child: what every step pays before touching a weight."""
-    import gptsan.checkpoint  # noqa: F401
+    import gptsan.extra_layers  # noqa: F401
+    import gptsan.hf_format  # noqa: F401
     from gptsan.compat import tf
 
     with tf.Session(config=tf.ConfigProto(device_count={"GPU": 0})) as session:
@@ -163,17 +165,19 @@ def main(argv=None):
 
 
 def run_steps(args, config, steps, work):
-    from gptsan import checkpoint as ck
+    from gptsan.config import EMOJI_FILE, VOCAB_FILE
+    from gptsan.extra_layers import IGNORE_PARAMS_FILE
+    from gptsan.variables import variable_shapes
 
     model = config.model
-    weights, largest = tensor_bytes(ck.expected_variable_shapes(model))
+    weights, largest = tensor_bytes(variable_shapes(model))
     report = {"config": os.path.relpath(os.path.abspath(args.config), ROOT),
               "weights_gib": gib(weights), "weights_bytes": weights,
               "largest_tensor_gib": gib(largest), "largest_tensor_bytes": largest,
               "cpu_count": os.cpu_count()}
     bench = Bench(args, config, work)
     bench.report = report
-    vocab = os.path.join(ROOT, ck.VOCAB_FILE)
+    vocab = os.path.join(ROOT, VOCAB_FILE)
     convert = _script("scripts/convert_checkpoint.py")
     if "baseline" in steps:
         bench.run("baseline", _script("scripts/bench_scale.py") + ["--baseline"])
@@ -212,7 +216,7 @@ def run_steps(args, config, steps, work):
         bench.remove("tuned")
         figures = bench.run(step, _script("run_train.py") + [
             "--init_checkpoint", bench.path("ft"),
-            "--ignore_parameters", bench.path(os.path.join("ft", ck.IGNORE_PARAMS_FILE)),
+            "--ignore_parameters", bench.path(os.path.join("ft", IGNORE_PARAMS_FILE)),
             "--input_files", records, "--model_dir", bench.path("tuned"), "--batch_size", "1",
             "--max_training_step", str(args.train_steps), "--mesh_shape", "batch:1,model:1",
             "--vocabulary", vocab, "--no_progress", *extra])
@@ -223,7 +227,7 @@ def run_steps(args, config, steps, work):
         figures = bench.run("generate", _script("run_generate.py") + [
             "--model", bench.path("model"), "--context", PROMPT, "--max_generate",
             str(args.new_tokens), "--top_k", "1", "--vocabulary", vocab, "--emoji",
-            os.path.join(ROOT, ck.EMOJI_FILE), "--mesh_shape",
+            os.path.join(ROOT, EMOJI_FILE), "--mesh_shape",
             "batch:1,model:1", "--output", out, "--force", "--quiet"])
         figures["ratio_to_weights"] = round(figures["peak_rss_bytes"] / weights, 3)
         figures["limit_ratio"] = GENERATE_LIMIT
@@ -240,10 +244,12 @@ def _conversion_figures(figures, weights, largest):
 
 def _finetune_figures(figures, ft_dir, extra):
     """Floor = frozen weights (at their storage width) + 4 x the trained weights (float32)."""
-    from gptsan.checkpoint import IGNORE_PARAMS_FILE, expected_variable_shapes, open_model_dir
+    from gptsan.checkpoint import open_model_dir
+    from gptsan.extra_layers import IGNORE_PARAMS_FILE
+    from gptsan.variables import variable_shapes
 
     _, config = open_model_dir(ft_dir)
-    shapes = expected_variable_shapes(config.model)
+    shapes = variable_shapes(config.model)
     with open(os.path.join(ft_dir, IGNORE_PARAMS_FILE), encoding="utf-8") as f:
         frozen = set(json.load(f))
     frozen_itemsize = 2 if "bfloat16" in extra else 4

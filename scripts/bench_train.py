@@ -100,7 +100,7 @@ def bench_hf(config, args):
     import torch
     from transformers import GPTSanJapaneseConfig, GPTSanJapaneseForConditionalGeneration
 
-    from gptsan.checkpoint import hf_config_dict
+    from gptsan.hf_format import hf_config_dict
 
     model = config.model
     ids, targets = batch_arrays(model, args.batch_size, args.seed)

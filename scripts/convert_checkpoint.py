@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from gptsan.checkpoint import (convert_gptsan_to_hf, convert_hf_to_gptsan,  # noqa: E402
-                               detect_format)
+from gptsan.hf_format import (convert_gptsan_to_hf, convert_hf_to_gptsan,  # noqa: E402
+                              detect_format)
 from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
 from gptsan.tensorio import FLOAT_DTYPES  # noqa: E402

@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from gptsan.checkpoint import EMOJI_FILE  # noqa: E402
+from gptsan.config import EMOJI_FILE  # noqa: E402
 from gptsan.errors import GPTSANError, run_cli  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo.json")  # model + train params of the demo model

@@ -3,7 +3,7 @@
 * `hf_tiny`: a random tiny HF `GPTSanJapaneseForConditionalGeneration` (2 Switch + 1 extra
   layer, d 32, 4 heads, 4 experts, vocab 120, 48 positions, spout 16) with every weight
   randomised (LayerNorm gains/biases too, so a dropped tensor shows), saved with
-  `save_pretrained` and converted with `gptsan.checkpoint.convert_hf_to_gptsan`.
+  `save_pretrained` and converted with `gptsan.hf_format.convert_hf_to_gptsan`.
   Session-scoped: built once (~2 s). Yields a `TinyModel` (HF model, HF dir, model dir).
 * `tiny_predictor`: a 1x1 `Predictor` on that model dir, shared by the whole session.
 * `set_logical_cpu_devices(4)` runs before any TF session so 2x2 and 1x4 meshes work.
@@ -99,7 +99,7 @@ def make_hf_model(directory, seed=0, edit=None, **overrides):
 
 
 def convert(hf_dir, model_dir):
-    from gptsan.checkpoint import convert_hf_to_gptsan
+    from gptsan.hf_format import convert_hf_to_gptsan
 
     return convert_hf_to_gptsan(hf_dir, model_dir)
 
@@ -122,6 +122,29 @@ def tiny_predictor(hf_tiny):
     predictor = Predictor(hf_tiny.model_dir)
     yield predictor
     predictor.close()
+
+
+def build_graph_variables(config, batch=1, length=1, spout=False):
+    """Builds the mtf model graph only (nothing lowered or allocated): ({TF name: shape tuple}
+    of the variables `build_model` creates, its output)."""
+    from gptsan import mesh as meshlib
+    from gptsan.compat import mtf, tf
+    from gptsan.modeling import build_model
+
+    graph = tf.Graph()
+    with graph.as_default():
+        mesh = mtf.Mesh(mtf.Graph(), "mesh")
+        ids = mtf.zeros(mesh, [mtf.Dimension(meshlib.BATCH, batch),
+                               mtf.Dimension(meshlib.LENGTH, length)], dtype=tf.int32)
+        spout_tensor = None
+        if spout:
+            spout_tensor = mtf.zeros(mesh, [ids.shape.dims[0],
+                                            mtf.Dimension(meshlib.SPOUT, config.num_spout)])
+        output = build_model(config, mesh, ids, spout=spout_tensor)
+        variables = {v.name: tuple(v.shape.to_integer_list) for v in mesh.graph.all_variables}
+        masters = {v.op.name: tuple(v.shape.as_list()) for v in tf.global_variables()}
+    assert variables == masters  # mtf names are the TF checkpoint names
+    return variables, output
 
 
 def random_ids(rng, batch, length, vocab=TINY_HF["vocab_size"]):

@@ -8,10 +8,13 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import build_graph_variables
 from gptsan import checkpoint as ck
+from gptsan import extra_layers, hf_format
 from gptsan.compat import tf
 from gptsan.config import GPTSANConfig, ModelConfig
 from gptsan.errors import GPTSANError
+from gptsan.variables import SHAPE_FIELDS, variable_shapes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -27,7 +30,7 @@ HF_KWARGS = dict(vocab_size=128, d_model=32, num_heads=4, num_experts=4, num_swi
 D, H, HD, E, FF, EXT, CTX, V, SP, L = 32, 4, 8, 4, 64, 48, 32, 128, 16, 3
 
 # docs/ARCHITECTURE.md "Checkpoint names" written out by hand for the tiny model (independent of
-# gptsan.checkpoint).
+# gptsan.variables).
 DOCUMENTED_SHAPES = {"model/wte": (V, D), "model/wpe": (CTX, D), "model/ete": (CTX, D),
                  "model/dense/kernel": (D, D), "model/dense_1/bias": (D,), "model/wob": (V,),
                  "pasts/out/kernel": (SP, L * 2 * D)}
@@ -72,7 +75,7 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(hf_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tf") / "model")
-    ck.convert_hf_to_gptsan(hf_dir, path)
+    hf_format.convert_hf_to_gptsan(hf_dir, path)
     return path
 
 
@@ -130,7 +133,7 @@ def test_hf_to_gptsan_names_shapes_and_values(hf_dir, model_dir):
 
 def test_hf_gptsan_hf_round_trip_is_bit_exact_and_loads(hf_dir, model_dir, tmp_path):
     out = str(tmp_path / "hf2")
-    ck.convert_gptsan_to_hf(model_dir, out)
+    hf_format.convert_gptsan_to_hf(model_dir, out)
     before = safetensors_numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
     after = safetensors_numpy.load_file(os.path.join(out, "model.safetensors"))
     assert set(before) == set(after)
@@ -156,20 +159,20 @@ def test_gptsan_hf_gptsan_round_trip_is_bit_exact(tmp_path):
                         num_moe_hidden=20, num_ext_hidden=36, train_mode="hybrid")
     rng = np.random.default_rng(0)
     variables = {n: rng.standard_normal(s).astype(np.float32)
-                 for n, s in ck.expected_variable_shapes(model).items()}
+                 for n, s in variable_shapes(model).items()}
     ck.write_tf_checkpoint(str(tmp_path / "a"), variables, model, step=7)
     assert ck.find_checkpoint(str(tmp_path / "a")).endswith("model.ckpt-7")
-    ck.convert_gptsan_to_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+    hf_format.convert_gptsan_to_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
     hf_config = transformers.GPTSanJapaneseConfig.from_pretrained(str(tmp_path / "hf"))
     assert (hf_config.num_heads, hf_config.d_ext, hf_config.num_layers) == (3, 36, 3)
-    ck.convert_hf_to_gptsan(str(tmp_path / "hf"), str(tmp_path / "b"))
+    hf_format.convert_hf_to_gptsan(str(tmp_path / "hf"), str(tmp_path / "b"))
     back = ck.read_tf_checkpoint(str(tmp_path / "b"))
     assert set(back) == set(variables)
     for name, value in variables.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
     restored = GPTSANConfig.from_json_file(str(tmp_path / "b")).model
-    assert {f: getattr(restored, f) for f in ck._SHAPE_FIELDS} == \
-        {f: getattr(model, f) for f in ck._SHAPE_FIELDS}
+    assert {f: getattr(restored, f) for f in SHAPE_FIELDS} == \
+        {f: getattr(model, f) for f in SHAPE_FIELDS}
 
 
 def test_published_style_checkpoint_with_optimizer_slots(model_dir, tmp_path):
@@ -193,7 +196,7 @@ def test_published_style_checkpoint_with_optimizer_slots(model_dir, tmp_path):
     assert set(read) == set(variables)
     model = config.model
     assert (model.num_header, model.num_moe_hidden, model.num_ext_hidden) == (H, FF, EXT)
-    ck.convert_gptsan_to_hf(str(tmp_path / "orig"), str(tmp_path / "hf"))
+    hf_format.convert_gptsan_to_hf(str(tmp_path / "orig"), str(tmp_path / "hf"))
     assert os.path.exists(tmp_path / "hf" / "model.safetensors")
 
 
@@ -204,10 +207,10 @@ def test_inconsistent_configs_are_reported(hf_dir, model_dir, tmp_path):
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     (bad_hf / "config.json").write_text(json.dumps({**config, "d_ff": 100}))
     with pytest.raises(GPTSANError, match="d_ff=100.*num_moe_hidden=64"):
-        ck.convert_hf_to_gptsan(str(bad_hf), str(tmp_path / "out"))
+        hf_format.convert_hf_to_gptsan(str(bad_hf), str(tmp_path / "out"))
     (bad_hf / "config.json").write_text(json.dumps({**config, "num_heads": 5}))
     with pytest.raises(GPTSANError, match="num_heads=5"):
-        ck.convert_hf_to_gptsan(str(bad_hf), str(tmp_path / "out"))
+        hf_format.convert_hf_to_gptsan(str(bad_hf), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
     bad_tf = tmp_path / "bad_tf"
@@ -223,18 +226,18 @@ def test_inconsistent_configs_are_reported(hf_dir, model_dir, tmp_path):
 
     with pytest.raises(GPTSANError, match="has 3 entries but the model expects num_vocabulary=128"):
         (tmp_path / "v.txt").write_text("a\nb\nc")
-        ck.convert_hf_to_gptsan(hf_dir, str(tmp_path / "out"), vocab=str(tmp_path / "v.txt"))
+        hf_format.convert_hf_to_gptsan(hf_dir, str(tmp_path / "out"), vocab=str(tmp_path / "v.txt"))
     assert sorted(os.listdir(tmp_path)) == ["bad_hf", "bad_tf", "v.txt"]
 
 
 def test_hf_misspelled_spout_and_tied_head_are_accepted():
     state = {k: v.numpy() for k, v in _hf_model().state_dict().items()}
     renamed = {k.replace("model.spout.", "model.sqout."): v for k, v in state.items()}
-    tf_vars, model = ck.hf_to_tf_variables(renamed, num_heads=H)
+    tf_vars, model = hf_format.hf_to_tf_variables(renamed, num_heads=H)
     assert model.num_spout == SP and "pasts/out/kernel" in tf_vars
     state["lm_head.weight"] = state["lm_head.weight"] + 1
     with pytest.raises(GPTSANError, match="lm_head.weight differs"):
-        ck.hf_to_tf_variables(state, num_heads=H)
+        hf_format.hf_to_tf_variables(state, num_heads=H)
 
 
 def test_write_is_atomic_and_refuses_existing_dirs(model_dir, tmp_path):
@@ -372,14 +375,12 @@ def test_add_layers_defaults_are_the_published_tool(model_dir, tmp_path):
 
 
 def test_names_and_shapes_agree_with_the_model_graph():
-    from gptsan.modeling import variable_shapes
-
     for model in (ModelConfig(num_contexts=8, num_switch_layers=2, num_ext_layers=1, num_hidden=8,
                               num_header=2, num_experts=2, num_spout=4, num_vocabulary=10),
                   ModelConfig(num_contexts=8, num_switch_layers=0, num_ext_layers=2, num_hidden=8,
                               num_header=4, num_spout=0, num_vocabulary=10, num_ext_hidden=12)):
-        assert ck.expected_variable_shapes(model) == {
-            n: tuple(s) for n, s in variable_shapes(model).items()}
+        assert variable_shapes(model) == {
+            n: tuple(s) for n, s in build_graph_variables(model)[0].items()}
 
 
 def test_add_layers_to_switch_only_model_creates_zero_ete_and_loads_in_hf(tmp_path):
@@ -387,21 +388,21 @@ def test_add_layers_to_switch_only_model_creates_zero_ete_and_loads_in_hf(tmp_pa
                         num_header=2, num_experts=2, num_spout=0, num_vocabulary=30)
     rng = np.random.default_rng(1)
     variables = {n: rng.standard_normal(s).astype(np.float32)
-                 for n, s in ck.expected_variable_shapes(model).items()}
-    new, new_model, kept, added = ck.add_extra_layers(variables, model, 1, seed=3)
+                 for n, s in variable_shapes(model).items()}
+    new, new_model, kept, added = extra_layers.add_extra_layers(variables, model, 1, seed=3)
     assert new_model.num_ext_layers == 1 and new_model.num_ext_hidden == 4 * 16
     assert not new["model/ete"].load().any() and "pasts/out/kernel" not in new
     assert kept == sorted(variables) and "model/ete" in added
-    again = ck.add_extra_layers(variables, model, 1, seed=3)[0]
+    again = extra_layers.add_extra_layers(variables, model, 1, seed=3)[0]
     np.testing.assert_array_equal(again["model/mlp1/p1/kernel"].load(),
                                   new["model/mlp1/p1/kernel"].load())
     ck.write_tf_checkpoint(str(tmp_path / "m"), new, new_model)
-    ck.convert_gptsan_to_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
+    hf_format.convert_gptsan_to_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
     hf_model, info = transformers.GPTSanJapaneseForConditionalGeneration.from_pretrained(
         str(tmp_path / "hf"), output_loading_info=True)
     assert not any(info.values()) and len(hf_model.model.blocks) == 2
     with pytest.raises(GPTSANError, match="must be > 0"):
-        ck.add_extra_layers(variables, model, 0)
+        extra_layers.add_extra_layers(variables, model, 0)
 
 
 def _independent_tf(hf):
@@ -481,7 +482,7 @@ def test_streamed_conversions_equal_the_independent_result(hf_dir, tmp_path, mon
     sources[hf_dir] = hf
     for src, state in sources.items():
         out = str(tmp_path / (os.path.basename(str(src)) + "_tf"))
-        ck.convert_hf_to_gptsan(str(src), out)
+        hf_format.convert_hf_to_gptsan(str(src), out)
         assert len([f for f in os.listdir(out) if ".data-" in f]) > 5  # streamed in groups
         expected, stored = _independent_tf(state), _stored(out)
         assert set(stored) == set(expected) == set(DOCUMENTED_SHAPES)
@@ -493,7 +494,7 @@ def test_streamed_conversions_equal_the_independent_result(hf_dir, tmp_path, mon
     for name, value in _independent_tf(hf).items():
         np.testing.assert_array_equal(_stored(half)[name], value.astype(np.float16), err_msg=name)
     back = tmp_path / "hf_back"
-    ck.convert_gptsan_to_hf(str(tmp_path / (os.path.basename(hf_dir) + "_tf")), str(back))
+    hf_format.convert_gptsan_to_hf(str(tmp_path / (os.path.basename(hf_dir) + "_tf")), str(back))
     safetensors_numpy.save_file(hf, str(tmp_path / "reference.safetensors"),
                                 metadata={"format": "pt"})
     assert (back / "model.safetensors").read_bytes() == \
@@ -504,7 +505,7 @@ def test_float16_checkpoint_loads_for_inference(hf_tiny, tmp_path):
     from gptsan.inference import Predictor
 
     half = str(tmp_path / "tf16")
-    ck.convert_hf_to_gptsan(hf_tiny.hf_dir, half, dtype="float16")
+    hf_format.convert_hf_to_gptsan(hf_tiny.hf_dir, half, dtype="float16")
     ids = [[3, 7, 1, 100, 5]]
     with Predictor(hf_tiny.model_dir) as full, Predictor(half) as narrow:
         a, b = full.forward(ids)["logits"], narrow.forward(ids)["logits"]

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from gptsan.config import GPTSANConfig, ModelConfig, count_parameters
+from gptsan.config import GPTSANConfig, ModelConfig
 from gptsan.errors import GPTSANError
+from gptsan.variables import count_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_2_8B_PARAMETERS = 2_776_248_480  # the published model card's figure

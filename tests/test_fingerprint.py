@@ -306,16 +306,17 @@ def test_conversion_and_add_layers_refuse_a_foreign_vocabulary(capsys, tmp_path,
 
 
 def test_round_trip_keeps_the_record(tmp_path):
-    from gptsan import checkpoint as ck
+    from gptsan.extra_layers import add_layers_to_model_dir
+    from gptsan.hf_format import convert_gptsan_to_hf, convert_hf_to_gptsan
 
-    ck.convert_gptsan_to_hf(DEMO, str(tmp_path / "hf"))
-    config = ck.convert_hf_to_gptsan(str(tmp_path / "hf"), str(tmp_path / "back"))
+    convert_gptsan_to_hf(DEMO, str(tmp_path / "hf"))
+    config = convert_hf_to_gptsan(str(tmp_path / "hf"), str(tmp_path / "back"))
     demo = GPTSANConfig.from_json_file(DEMO).vocabulary
     assert (config.vocabulary.vocab_sha256, config.vocabulary.emoji_sha256,
             config.vocabulary.vocab_name) == (demo.vocab_sha256, demo.emoji_sha256,
                                               demo.vocab_name)
-    added = ck.add_layers_to_model_dir(str(tmp_path / "back"), str(tmp_path / "more"), 1,
-                                      frozen="existing")
+    added = add_layers_to_model_dir(str(tmp_path / "back"), str(tmp_path / "more"), 1,
+                                    frozen="existing")
     assert added.vocabulary == config.vocabulary
     with open(tmp_path / "more" / config.vocabulary.vocab_file, encoding="utf-8") as f, \
             open(DEMO_VOCAB, encoding="utf-8") as g:
@@ -326,15 +327,16 @@ def test_round_trip_keeps_the_record(tmp_path):
 @pytest.fixture(scope="module")
 def published_style(tmp_path_factory):
     """A 36k model directory as the published checkpoints are: no record, no vocabulary."""
-    from gptsan import checkpoint as ck
+    from gptsan.checkpoint import write_tf_checkpoint
+    from gptsan.variables import variable_shapes
 
     model = ModelConfig(num_contexts=16, num_switch_layers=1, num_ext_layers=0, num_hidden=16,
                         num_header=2, num_experts=2, num_spout=0, num_vocabulary=36000)
     rng = np.random.default_rng(0)
     variables = {n: (rng.standard_normal(s) * 0.1).astype(np.float32)
-                 for n, s in ck.expected_variable_shapes(model).items()}
+                 for n, s in variable_shapes(model).items()}
     path = str(tmp_path_factory.mktemp("published") / "gptsan-2.8b")
-    ck.write_tf_checkpoint(path, variables, model)
+    write_tf_checkpoint(path, variables, model)
     return path
 
 
@@ -370,10 +372,10 @@ def test_unrecorded_directory_with_the_published_vocabulary_says_so(published_st
     assert len(encoder) == 36000
     assert f"using {fp.PUBLISHED_NAME}" in capsys.readouterr().err
     # converted, the directory records it: later tools check instead of assuming
-    from gptsan import checkpoint as ck
+    from gptsan.hf_format import convert_gptsan_to_hf, convert_hf_to_gptsan
 
-    ck.convert_gptsan_to_hf(model_dir, str(tmp_path / "hf"))
-    config = ck.convert_hf_to_gptsan(str(tmp_path / "hf"), str(tmp_path / "back"))
+    convert_gptsan_to_hf(model_dir, str(tmp_path / "hf"))
+    config = convert_hf_to_gptsan(str(tmp_path / "hf"), str(tmp_path / "back"))
     assert config.vocabulary.vocab_sha256 == fp.PUBLISHED_VOCAB_SHA256
     assert config.vocabulary.vocab_file == "ja-swe36k.txt"  # the published name again
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "emoji.json",

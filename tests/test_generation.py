@@ -234,7 +234,7 @@ WEIGHT_STD = 0.3  # random weights: spread-out logits (no near-ties between top 
 
 def write_tiny_vocabulary(directory):
     """A small ja-swe vocabulary (ordinary chars, specials, 1 emoji class, bytes, controls)."""
-    from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
+    from gptsan.config import EMOJI_FILE, VOCAB_FILE
     from gptsan.tokenization import CONTROL_TOKENS, NUM_BYTE_TOKENS, SPECIAL_TOKENS
 
     entries = (ORDINARY + list(SPECIAL_TOKENS) + ["<|emoji1|>"]
@@ -253,9 +253,10 @@ def make_tiny_model_dir(path, seed=0, edit=None, **overrides):
 
     `edit(variables, model)` may change the {TF name: array} weights before they are written.
     """
-    from gptsan import checkpoint as ck
-    from gptsan.config import GPTSANConfig, ModelConfig
+    from gptsan.checkpoint import write_tf_checkpoint
+    from gptsan.config import EMOJI_FILE, VOCAB_FILE, GPTSANConfig, ModelConfig
     from gptsan.fingerprint import VocabularyFiles
+    from gptsan.variables import variable_shapes
 
     vocab_dir = os.path.join(os.path.dirname(path), os.path.basename(path) + "-vocab")
     os.makedirs(vocab_dir, exist_ok=True)
@@ -263,23 +264,23 @@ def make_tiny_model_dir(path, seed=0, edit=None, **overrides):
     model = ModelConfig(num_vocabulary=size, **{**TINY_PARAMS, **overrides})
     rng = np.random.default_rng(seed)
     variables = {}
-    for name, shape in ck.expected_variable_shapes(model).items():
+    for name, shape in variable_shapes(model).items():
         value = rng.standard_normal(shape) * WEIGHT_STD
         variables[name] = (value + 1.0 if name.endswith("/g") else value).astype(np.float32)
     if edit is not None:
         edit(variables, model)
-    vocabulary = VocabularyFiles.of(os.path.join(vocab_dir, ck.VOCAB_FILE),
-                                    os.path.join(vocab_dir, ck.EMOJI_FILE))
+    vocabulary = VocabularyFiles.of(os.path.join(vocab_dir, VOCAB_FILE),
+                                    os.path.join(vocab_dir, EMOJI_FILE))
     record = vocabulary.record()
-    ck.write_tf_checkpoint(path, variables, GPTSANConfig(model=model, vocabulary=record),
-                           files=vocabulary.model_dir_files(record))
+    write_tf_checkpoint(path, variables, GPTSANConfig(model=model, vocabulary=record),
+                        files=vocabulary.model_dir_files(record))
     return path
 
 
 def test_training_feed_is_the_training_rewrite(tmp_path):
     """With --decoder sample|beam the prompt's LM part and every generated token are fed
     exactly like gptsan.data feeds training text."""
-    from gptsan.checkpoint import EMOJI_FILE, VOCAB_FILE
+    from gptsan.config import EMOJI_FILE, VOCAB_FILE
     from gptsan.tokenization import SWEEncoder
 
     write_tiny_vocabulary(str(tmp_path))

@@ -1,6 +1,6 @@
 """The Mesh-TF model vs the independent HF transformers 4.40.2 implementation.
 
-A random tiny HF model is converted with `gptsan.checkpoint` and run through `Predictor`:
+A random tiny HF model is converted with `gptsan.hf_format` and run through `Predictor`:
 logits agree to 1e-5 x max |logit|, greedy tokens and expert choices are identical, in
 every mode (LM, Prefix-LM, batch, spout, incremental). Where HF differs from the published
 model (docs/ARCHITECTURE.md "Differences from the HF port") the published behaviour is checked

@@ -10,7 +10,8 @@ from gptsan.compat import mtf, session_config, tf
 from gptsan.config import GPTSANConfig, ModelConfig
 from gptsan.errors import GPTSANError
 from gptsan.inference import Predictor
-from gptsan.modeling import MODEL_VARIABLE_PREFIXES, build_model
+from gptsan.modeling import build_model
+from gptsan.variables import MODEL_VARIABLE_PREFIXES
 
 REL_TOL = 1e-5
 

@@ -5,39 +5,23 @@ import os
 import numpy as np
 import pytest
 
+from conftest import build_graph_variables
 from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
-from gptsan.config import GPTSANConfig, ModelConfig, count_parameters
-from gptsan.modeling import KVCache, build_model, variable_shapes
+from gptsan.config import GPTSANConfig, ModelConfig
+from gptsan.modeling import KVCache, build_model
 from gptsan.switch import expert_capacity, split_into_groups, switch_ffn
+from gptsan.variables import count_parameters, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_2_8B_PARAMETERS = 2_776_248_480  # the published model card's figure (backbone)
-
-
-def _build_shapes(config, batch=1, length=1, spout=False):
-    """Builds the mtf graph only (nothing lowered or allocated): {TF name: shape}, output."""
-    graph = tf.Graph()
-    with graph.as_default():
-        mesh = mtf.Mesh(mtf.Graph(), "mesh")
-        ids = mtf.zeros(mesh, [mtf.Dimension(meshlib.BATCH, batch),
-                               mtf.Dimension(meshlib.LENGTH, length)], dtype=tf.int32)
-        spout_tensor = None
-        if spout:
-            spout_tensor = mtf.zeros(mesh, [ids.shape.dims[0],
-                                            mtf.Dimension(meshlib.SPOUT, config.num_spout)])
-        output = build_model(config, mesh, ids, spout=spout_tensor)
-        variables = {v.name: v.shape.to_integer_list for v in mesh.graph.all_variables}
-        masters = {v.op.name: v.shape.as_list() for v in tf.global_variables()}
-    assert variables == masters  # mtf names are the TF checkpoint names
-    return variables, output
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))),
                          ids=os.path.basename)
 def test_every_config_builds_with_the_published_shapes(path):
     config = GPTSANConfig.from_json_file(path).model
-    variables, output = _build_shapes(config)
+    variables, output = build_graph_variables(config)
     assert variables == variable_shapes(config)
     assert sum(int(np.prod(s)) for s in variables.values()) == count_parameters(config)["total"]
     assert len(output.hidden_states) == config.num_layers
@@ -48,11 +32,18 @@ def test_every_config_builds_with_the_published_shapes(path):
 
 
 def test_variable_table_agrees_with_the_converter():
-    from gptsan import checkpoint
+    """The TF variables the converter makes of a real transformers model (shapes from
+    transformers, not from the table) are the table's."""
+    transformers = pytest.importorskip("transformers")
+    from gptsan.hf_format import hf_config_dict, hf_to_tf_refs
 
     config = GPTSANConfig.from_json_file(os.path.join(ROOT, "configs", "tiny.json")).model
-    expected = {name: list(shape) for name, shape in
-                checkpoint.expected_variable_shapes(config).items()}
+    hf_model = transformers.GPTSanJapaneseForConditionalGeneration(
+        transformers.GPTSanJapaneseConfig(**hf_config_dict(config)))
+    state = {name: np.zeros(tuple(t.shape), np.float32)
+             for name, t in hf_model.state_dict().items()}
+    refs, _ = hf_to_tf_refs(state, config.num_header)
+    expected = {name: ref.shape for name, ref in refs.items()}
     assert expected == variable_shapes(config)
 
 

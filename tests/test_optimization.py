@@ -219,10 +219,10 @@ def test_opt_in_improvements_match_the_numpy_golden():
 
 
 def test_weight_decay_name_rules():
-    from gptsan.checkpoint import expected_variable_shapes
     from gptsan.config import ModelConfig
+    from gptsan.variables import variable_shapes
 
-    names = list(expected_variable_shapes(ModelConfig(
+    names = list(variable_shapes(ModelConfig(
         num_contexts=8, num_switch_layers=1, num_ext_layers=1, num_hidden=8, num_header=2,
         num_experts=2, num_spout=4, num_vocabulary=16)))
     skipped = sorted(n for n in names if not optimization.uses_weight_decay(n))

@@ -358,7 +358,7 @@ def test_float16_training_fixed_or_dynamic_loss_scale(work, tmp_path):
 
 
 def test_finetune_after_add_layers_freezes_the_backbone(work, tmp_path):
-    from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir
+    from gptsan.extra_layers import IGNORE_PARAMS_FILE, add_layers_to_model_dir
 
     source_dir, _ = trained(work, "lm")
     extended = str(tmp_path / "extended")
@@ -400,7 +400,7 @@ FROZEN_BF16_LOSS_TOLERANCE = 0.01  # relative: bfloat16 storage rounds frozen we
 def test_finetune_with_bfloat16_frozen_weights(work, tmp_path):
     """--frozen_dtype bfloat16: the frozen backbone is held and saved in bfloat16, the loss
     stays within 1% of the float32 run's, and only the added layers train."""
-    from gptsan.checkpoint import IGNORE_PARAMS_FILE, add_layers_to_model_dir
+    from gptsan.extra_layers import IGNORE_PARAMS_FILE, add_layers_to_model_dir
 
     source_dir, _ = trained(work, "lm")
     extended = str(tmp_path / "extended")
@@ -537,7 +537,7 @@ def test_checkpoint_mismatches_are_refused(work, tmp_path):
     args[args.index("--parameter_file") + 1] = str(params)
     with pytest.raises(GPTSANError, match="different model"):
         cli.main(args)
-    from gptsan.checkpoint import add_layers_to_model_dir
+    from gptsan.extra_layers import add_layers_to_model_dir
     extended = str(tmp_path / "extended")
     add_layers_to_model_dir(source_dir, extended, 1, frozen="existing")
     with pytest.raises(GPTSANError, match="without adam training state"):
