@@ -13,12 +13,11 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from gptsan import data, fingerprint, records  # noqa: E402
-from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
+from gptsan import data, fingerprint, records
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 
 
