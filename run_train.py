@@ -107,10 +107,24 @@ def load_config(args):
         sets_vocabulary
 
 
+def frozen_names(args, use_tpu, mesh):
+    """The variables --ignore_parameters freezes ([] without it); --frozen_dtype needs some."""
+    from gptsan import optimization
+
+    ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
+              if args.ignore_parameters else [])
+    if args.frozen_dtype != "float32" and not ignore:
+        raise GPTSANError("--frozen_dtype applies to frozen variables: pass --ignore_parameters")
+    if args.frozen_dtype != "float32" and (use_tpu or mesh.size != 1):
+        raise GPTSANError("--frozen_dtype bfloat16 is for one-device fine-tuning: use "
+                          "--mesh_shape batch:1,model:1 (no TPU)")
+    return ignore
+
+
 def main(argv=None):
     args = parse_args(argv)
     config, sets_vocabulary = load_config(args)
-    from gptsan import estimator, fingerprint, mesh as mesh_lib, optimization  # TF loads here
+    from gptsan import estimator, fingerprint, mesh as mesh_lib, records, spout  # TF loads here
 
     model, train = config.model, config.train
     model_dir = train.output_dir
@@ -118,11 +132,7 @@ def main(argv=None):
         raise GPTSANError("--use_bfloat16 and --use_mixed_precision cannot be used together")
     dtype = ("bfloat16" if args.use_bfloat16 else
              "float16" if args.use_mixed_precision else "float32")
-    if args.spout_vector not in estimator.SPOUT_VECTORS:
-        raise GPTSANError(f"unknown --spout_vector {args.spout_vector!r}; use one of "
-                          f"{', '.join(estimator.SPOUT_VECTORS)}")
-    if args.spout_vector != "none" and not model.num_spout:
-        raise GPTSANError(f"--spout_vector {args.spout_vector} needs a model with num_spout > 0")
+    spout.check_spout_vector(args.spout_vector, model.num_spout)
     mesh_shape = args.mesh_shape or f"batch:1,model:{model.num_pallarelizm}"
     mesh = mesh_lib.parse_mesh_shape(mesh_shape)
     use_tpu = bool(args.tpu_nodes)
@@ -132,8 +142,7 @@ def main(argv=None):
         raise GPTSANError("--dynamic_loss_scale needs --use_mixed_precision and --optimizer adam")
     if args.clip_norm <= 0:
         raise GPTSANError(f"--clip_norm must be > 0, got {args.clip_norm}")
-    record_files = estimator.find_input_files(args.input_files)
-    estimator.check_records(record_files, model.num_contexts)  # the data's own errors first
+    record_files = records.check_input_files(args.input_files, model.num_contexts)
     vocab, record = fingerprint.training_vocabulary(
         config, args.vocabulary, args.emoji, model_dir, args.init_checkpoint, record_files,
         args.parameter_file)
@@ -142,27 +151,20 @@ def main(argv=None):
     if not sets_vocabulary:  # as published: the vocabulary file gives num_vocabulary
         model = dataclasses.replace(model, num_vocabulary=estimator.vocabulary_size(vocab.vocab))
         config = dataclasses.replace(config, model=model)
-    ignore = (optimization.load_ignore_parameters(args.ignore_parameters)
-              if args.ignore_parameters else [])
-    if args.frozen_dtype != "float32" and not ignore:
-        raise GPTSANError("--frozen_dtype applies to frozen variables: pass --ignore_parameters")
-    if args.frozen_dtype != "float32" and (use_tpu or mesh.size != 1):
-        raise GPTSANError("--frozen_dtype bfloat16 is for one-device fine-tuning: use "
-                          "--mesh_shape batch:1,model:1 (no TPU)")
-    files, init_checkpoint = estimator.check_training_inputs(
-        config, args.input_files, vocab.vocab, ignore, args.init_checkpoint, dtype,
+    ignore = frozen_names(args, use_tpu, mesh)
+    init_checkpoint = estimator.check_training_inputs(
+        config, record_files, vocab.vocab, ignore, args.init_checkpoint, dtype,
         dynamic_loss_scale=args.dynamic_loss_scale, frozen_dtype=args.frozen_dtype)
 
     estimator.write_model_dir(config, vocab.vocab, vocab.emoji)
-    from gptsan.records import input_fn_builder
-
     setup = estimator.TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,
                                  dtype=dtype, ignore_names=ignore,
                                  clip_gradients=args.clip_gradients, clip_norm=args.clip_norm,
                                  dynamic_loss_scale=args.dynamic_loss_scale, seed=train.seed,
                                  devices=devices, use_tpu=use_tpu, init_checkpoint=init_checkpoint,
                                  frozen_dtype=args.frozen_dtype)
-    input_fn = input_fn_builder(files, model.num_contexts, train.batch_size, True, train.seed)
+    input_fn = records.make_input_fn(record_files, model.num_contexts, train.batch_size, True,
+                                     train.seed)
     max_steps = args.max_training_step if args.max_training_step > 0 else (
         train.max_training_step or None)
     tpu_cluster = None

@@ -12,21 +12,21 @@ optimizer slots and `global_step`, so a killed run resumes where its last checkp
 import math
 import os
 import time
+import typing
 import zlib
 
-from google.protobuf import message
 from tqdm import tqdm
 
 from gptsan import fileio
 from gptsan import fingerprint
 from gptsan import mesh as mesh_lib
-from gptsan import optimization, tensorio
+from gptsan import optimization, records, tensorio
 from gptsan.checkpoint import check_checkpoint, find_checkpoint
 from gptsan.compat import mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
 from gptsan.layers import softmax_cross_entropy
-from gptsan.spout import SPOUT_VECTORS, spout_vectors  # noqa: F401 (re-exported for run_train)
+from gptsan.spout import spout_vectors
 from gptsan.variables import variable_shapes
 
 Z_LOSS = 1e-4  # published: softmax_cross_entropy_with_logits(..., z_loss=1e-4)
@@ -145,103 +145,35 @@ def model_fn_builder(setup):
         del labels
         if mode != tf.estimator.ModeKeys.TRAIN:
             raise GPTSANError("the GPTSAN estimator only trains; use gptsan.inference to predict")
-        from gptsan.modeling import build_model  # the model (H3) is only needed to build graphs
-
-        model_config = setup.config.model
-        x = tf.cast(features["x"], tf.int32)  # [batch, length]
-        batch_size, length = x.shape.as_list()
-        batch_dim = mtf.Dimension(mesh_lib.BATCH, batch_size)
-        length_dim = mtf.Dimension(mesh_lib.LENGTH, length)
         global_step = tf.train.get_global_step()
-
         graph = mtf.Graph()
-        if setup.use_tpu:
-            context = params["context"]
-            mesh = mtf.Mesh(graph, "mesh")
-            mesh_impl = mesh_lib.make_mesh_impl(setup.mesh_shape,
-                                                devices=[""] * setup.mesh_shape.size,
-                                                tpu_device_assignment=context.device_assignment)
-        else:
-            mesh = mtf.Mesh(graph, "mesh")
-            devices = setup.devices or mesh_lib.cpu_devices_for(setup.mesh_shape)
-            mesh_impl = StepSeededMeshImpl(setup.mesh_shape, mesh_lib.layout_rules(), devices,
-                                           global_step, setup.seed)
-
-        ids = mtf.import_tf_tensor(mesh, x, mtf.Shape([batch_dim, length_dim]))
-        targets = mtf.import_tf_tensor(mesh, tf.cast(features["y"], tf.int32),
-                                       mtf.Shape([batch_dim, length_dim]))
-        num_precontext = mtf.import_tf_tensor(
-            mesh, tf.reshape(tf.cast(features["num_input"], tf.int32), [batch_size]),
-            mtf.Shape([batch_dim]))
-        spout = None
-        spout_tf = spout_vectors(setup.spout_vector, features["i"], model_config.num_spout,
-                                 global_step, setup.seed)
-        if spout_tf is not None:
-            spout = mtf.import_tf_tensor(
-                mesh, spout_tf,
-                mtf.Shape([batch_dim, mtf.Dimension(mesh_lib.SPOUT, model_config.num_spout)]))
-
-        frozen_storage = FROZEN_DTYPES[setup.frozen_dtype]
-        with tf.variable_scope("", custom_getter=_storage_getter(setup.ignore_names,
-                                                                 frozen_storage)):
-            output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
-                                 one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
-                                 variable_dtype=mesh_lib.dtype_policy(setup.dtype),
-                                 # fine-tuning on a frozen backbone: memory before speed
-                                 recompute_ext_layers=bool(setup.ignore_names))
-        vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
-        cross_entropy, token_count = lm_loss(output.logits, targets, vocab_dim)
-        aux_loss = output.aux_loss
-        if aux_loss is None:
-            aux_loss = mtf.zeros(mesh, mtf.Shape([]), tf.float32)
-        aux_loss = mtf.cast(aux_loss, tf.float32)
-        loss = cross_entropy + aux_loss * AUX_LOSS_WEIGHT
+        mesh = mtf.Mesh(graph, "mesh")
+        mesh_impl = _mesh_impl(setup, params, global_step)
+        inputs = _import_features(mesh, features, setup, global_step)
+        losses = _build_losses(mesh, inputs, setup)
         loss_scale = setup.make_loss_scale()
         train_ops = optimization.build_train_ops(
-            loss, setup.config.train, global_step, ignore_names=setup.ignore_names,
+            losses.objective, setup.config.train, global_step, ignore_names=setup.ignore_names,
             clip_gradients=setup.clip_gradients, clip_norm=setup.clip_norm, loss_scale=loss_scale,
             order_updates=not setup.use_tpu)
 
         lowering = mtf.Lowering(graph, {mesh: mesh_impl})
-        tf_loss = tf.cast(lowering.export_to_tf_tensor(cross_entropy), tf.float32)  # reported
-        tf_objective = tf.cast(lowering.export_to_tf_tensor(loss), tf.float32)
-        tf_update_ops = [lowering.lowered_operation(op) for op in train_ops.update_ops]
-        if train_ops.finite is not None:
-            tf_finite = lowering.export_to_tf_tensor(train_ops.finite)
-            with tf.control_dependencies(tf_update_ops):  # the step used the old scale
-                tf_update_ops.append(loss_scale.update(tf_finite))
-            if setup.summaries:
-                tf.summary.scalar("train/loss_scale", loss_scale.scale)
-        with tf.control_dependencies(tf_update_ops):
-            train_op = tf.assign_add(global_step, 1)
-        tf.add_to_collection(LOSS_COLLECTION, tf_loss)
+        tf_loss = tf.cast(lowering.export_to_tf_tensor(losses.cross_entropy), tf.float32)
+        tf_objective = tf.cast(lowering.export_to_tf_tensor(losses.objective), tf.float32)
+        train_op = _train_op(lowering, train_ops, loss_scale, global_step, setup.summaries)
+        tf.add_to_collection(LOSS_COLLECTION, tf_loss)  # the reported loss
         tf.add_to_collection(OBJECTIVE_COLLECTION, tf_objective)
-        tf.add_to_collection(TOKENS_COLLECTION, tf.constant(batch_size * length, tf.int64))
-
+        tf.add_to_collection(TOKENS_COLLECTION, tf.constant(inputs.ids.shape.size, tf.int64))
         if setup.summaries:
-            _add_summaries(lowering, tf_objective, cross_entropy, aux_loss, token_count,
-                           train_ops, output)
-        if frozen_storage != tf.float32:
+            _add_summaries(lowering, tf_objective, losses, train_ops)
+        if FROZEN_DTYPES[setup.frozen_dtype] != tf.float32:
             _delay_casts(train_ops.frozen, lowering)
         scaffold = None
         if setup.init_checkpoint and setup.use_tpu:
             _init_from_checkpoint(setup.init_checkpoint)
         elif setup.init_checkpoint:
             scaffold = _restoring_scaffold(setup.init_checkpoint)
-
-        with mtf.utils.outside_all_rewrites():
-            restore_hook = mtf.MtfRestoreHook(lowering)
-            saver = tf.train.Saver(tf.global_variables(), sharded=True,
-                                   max_to_keep=setup.config.train.max_to_keep_save,
-                                   keep_checkpoint_every_n_hours=(
-                                       setup.config.train.checkpoint_per_hours),
-                                   defer_build=False, save_relative_paths=True)
-            tf.add_to_collection(tf.GraphKeys.SAVERS, saver)
-            saver_hook = tf.train.CheckpointSaverHook(
-                setup.model_dir, save_steps=setup.config.train.checkpoint_per_steps, saver=saver,
-                listeners=[mtf.MtfCheckpointSaverListener(lowering)])
-        # MtfRestoreHook must come before the saver hook (docs/ARCHITECTURE.md "Stack facts").
-        hooks = [restore_hook, saver_hook]
+        hooks = _checkpoint_hooks(lowering, setup)
         if setup.use_tpu:
             return tf.estimator.tpu.TPUEstimatorSpec(mode, loss=tf_loss, train_op=train_op,
                                                      training_hooks=hooks)
@@ -251,8 +183,102 @@ def model_fn_builder(setup):
     return model_fn
 
 
-def _add_summaries(lowering, tf_objective, cross_entropy, aux_loss, token_count, train_ops,
-                   output):
+def _mesh_impl(setup, params, global_step):
+    """The mesh implementation: TPU (params["context"]) or step-seeded CPU/GPU placement."""
+    if setup.use_tpu:
+        return mesh_lib.make_mesh_impl(setup.mesh_shape, devices=[""] * setup.mesh_shape.size,
+                                       tpu_device_assignment=params["context"].device_assignment)
+    devices = setup.devices or mesh_lib.cpu_devices_for(setup.mesh_shape)
+    return StepSeededMeshImpl(setup.mesh_shape, mesh_lib.layout_rules(), devices, global_step,
+                              setup.seed)
+
+
+class _Inputs(typing.NamedTuple):
+    """One batch's features as mtf tensors."""
+    ids: object  # int32 [batch, length]
+    targets: object  # int32 [batch, length], -1 = no loss
+    num_precontext: object  # int32 [batch]
+    spout: object  # float32 [batch, spout] or None
+
+
+def _import_features(mesh, features, setup, global_step):
+    """The features (TFRecord schema: gptsan.records) -> `_Inputs` on `mesh`."""
+    num_spout = setup.config.model.num_spout
+    x = tf.cast(features["x"], tf.int32)  # [batch, length]
+    batch_size, length = x.shape.as_list()
+    batch_dim = mtf.Dimension(mesh_lib.BATCH, batch_size)
+    tokens = mtf.Shape([batch_dim, mtf.Dimension(mesh_lib.LENGTH, length)])
+    ids = mtf.import_tf_tensor(mesh, x, tokens)
+    targets = mtf.import_tf_tensor(mesh, tf.cast(features["y"], tf.int32), tokens)
+    num_precontext = mtf.import_tf_tensor(
+        mesh, tf.reshape(tf.cast(features["num_input"], tf.int32), [batch_size]),
+        mtf.Shape([batch_dim]))
+    spout = spout_vectors(setup.spout_vector, features["i"], num_spout, global_step, setup.seed)
+    if spout is not None:
+        spout = mtf.import_tf_tensor(
+            mesh, spout, mtf.Shape([batch_dim, mtf.Dimension(mesh_lib.SPOUT, num_spout)]))
+    return _Inputs(ids, targets, num_precontext, spout)
+
+
+class _Losses(typing.NamedTuple):
+    """mtf float32 scalars of one step, and the model output."""
+    cross_entropy: object  # the reported loss
+    aux_loss: object  # load balancing, summed over the Switch layers
+    objective: object  # cross_entropy + AUX_LOSS_WEIGHT * aux_loss: what is minimized
+    token_count: object  # target tokens of the batch
+    output: object  # modeling.ModelOutput
+
+
+def _build_losses(mesh, inputs, setup):
+    """The model on `inputs` (frozen variables stored as setup.frozen_dtype) and its losses."""
+    from gptsan.modeling import build_model  # the model (H3) is only needed to build graphs
+
+    getter = _storage_getter(setup.ignore_names, FROZEN_DTYPES[setup.frozen_dtype])
+    with tf.variable_scope("", custom_getter=getter):
+        output = build_model(setup.config.model, mesh, inputs.ids, inputs.num_precontext,
+                             inputs.spout, train=True,
+                             one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
+                             variable_dtype=mesh_lib.dtype_policy(setup.dtype),
+                             # fine-tuning on a frozen backbone: memory before speed
+                             recompute_ext_layers=bool(setup.ignore_names))
+    vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
+    cross_entropy, token_count = lm_loss(output.logits, inputs.targets, vocab_dim)
+    aux_loss = mtf.cast(output.aux_loss, tf.float32)
+    return _Losses(cross_entropy, aux_loss, cross_entropy + aux_loss * AUX_LOSS_WEIGHT,
+                   token_count, output)
+
+
+def _train_op(lowering, train_ops, loss_scale, global_step, summaries):
+    """The TF train op: the lowered updates (and the dynamic loss scale's), then step + 1."""
+    tf_update_ops = [lowering.lowered_operation(op) for op in train_ops.update_ops]
+    if train_ops.finite is not None:
+        tf_finite = lowering.export_to_tf_tensor(train_ops.finite)
+        with tf.control_dependencies(tf_update_ops):  # the step used the old scale
+            tf_update_ops.append(loss_scale.update(tf_finite))
+        if summaries:
+            tf.summary.scalar("train/loss_scale", loss_scale.scale)
+    with tf.control_dependencies(tf_update_ops):
+        return tf.assign_add(global_step, 1)
+
+
+def _checkpoint_hooks(lowering, setup):
+    """[MtfRestoreHook, CheckpointSaverHook]: the restore hook must come first
+    (docs/ARCHITECTURE.md "Stack facts")."""
+    train = setup.config.train
+    with mtf.utils.outside_all_rewrites():
+        restore_hook = mtf.MtfRestoreHook(lowering)
+        saver = tf.train.Saver(tf.global_variables(), sharded=True,
+                               max_to_keep=train.max_to_keep_save,
+                               keep_checkpoint_every_n_hours=train.checkpoint_per_hours,
+                               defer_build=False, save_relative_paths=True)
+        tf.add_to_collection(tf.GraphKeys.SAVERS, saver)
+        saver_hook = tf.train.CheckpointSaverHook(
+            setup.model_dir, save_steps=train.checkpoint_per_steps, saver=saver,
+            listeners=[mtf.MtfCheckpointSaverListener(lowering)])
+    return [restore_hook, saver_hook]
+
+
+def _add_summaries(lowering, tf_objective, losses, train_ops):
     """TensorBoard scalars: losses, learning rate, grad norm, per-layer router statistics.
 
     `loss/cross_entropy` is also the Estimator's own `loss` (the reported loss, as published);
@@ -260,25 +286,17 @@ def _add_summaries(lowering, tf_objective, cross_entropy, aux_loss, token_count,
     """
     export = lowering.export_to_tf_tensor
     tf.summary.scalar("loss/total", tf_objective)
-    tf.summary.scalar("loss/cross_entropy", export(cross_entropy))
-    tf.summary.scalar("loss/load_balancing", export(aux_loss))
+    tf.summary.scalar("loss/cross_entropy", export(losses.cross_entropy))
+    tf.summary.scalar("loss/load_balancing", export(losses.aux_loss))
     tf.summary.scalar("train/learning_rate", train_ops.learning_rate)
     tf.summary.scalar("train/gradient_norm", export(train_ops.grad_norm))
-    tf.summary.scalar("train/target_tokens", export(token_count))
-    for layer, stats in enumerate(getattr(output, "router_stats", None) or []):
-        entropy = _stat(stats, "router_entropy")
-        fraction = _stat(stats, "expert_fraction")
-        if entropy is not None:
-            tf.summary.scalar(f"router/layer{layer}/entropy", export(mtf.cast(entropy, tf.float32)))
-        if fraction is not None:
-            fractions = export(mtf.cast(fraction, tf.float32))  # [experts]
-            for expert in range(fractions.shape.as_list()[0]):
-                tf.summary.scalar(f"router/layer{layer}/expert{expert}_fraction",
-                                  fractions[expert])
-
-
-def _stat(stats, name):
-    return stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+    tf.summary.scalar("train/target_tokens", export(losses.token_count))
+    for layer, stats in enumerate(losses.output.router_stats):
+        tf.summary.scalar(f"router/layer{layer}/entropy",
+                          export(mtf.cast(stats.router_entropy, tf.float32)))
+        fractions = export(mtf.cast(stats.expert_fraction, tf.float32))  # [experts]
+        for expert in range(fractions.shape.as_list()[0]):
+            tf.summary.scalar(f"router/layer{layer}/expert{expert}_fraction", fractions[expert])
 
 
 def _init_from_checkpoint(path):
@@ -553,55 +571,6 @@ def describe_losses(losses):
 # run preparation: every check happens before anything is written
 
 
-def find_input_files(patterns):
-    """Comma-separated glob patterns -> sorted list of files (GPTSANError when none match)."""
-    files = set()
-    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
-        # tf.io.gfile also globs gs:// buckets (TPU training data)
-        files.update(p for p in fileio.glob(pattern)
-                     if not fileio.isdir(p) and not fingerprint.is_sidecar(p))
-    if not files:
-        raise GPTSANError(f"no input files matched --input_files {patterns!r}")
-    return sorted(files)
-
-
-def first_record_tokens(files):
-    """The `x` feature (token ids) of the first TFRecord example found in `files`."""
-    for path in files:
-        try:
-            for record in tf.io.tf_record_iterator(path):
-                example = tf.train.Example.FromString(record)
-                feature = example.features.feature
-                if "x" not in feature:
-                    raise GPTSANError(f"{path}: TFRecord examples have no 'x' feature; make them "
-                                      "with scripts/make_tfrecord.py")
-                return list(feature["x"].int64_list.value)
-        except tf.errors.OpError as err:
-            raise GPTSANError(f"{path} is not a readable TFRecord file: "
-                              f"{err.message.splitlines()[0]}") from None
-        except message.DecodeError:
-            raise GPTSANError(f"{path} holds records that are not tf.train.Examples; make the "
-                              "input with scripts/make_tfrecord.py") from None
-    raise GPTSANError(f"the input files hold no TFRecord examples ({files[0]} ...): they are "
-                      "empty, truncated or not TFRecord files; make them with "
-                      "scripts/make_tfrecord.py")
-
-
-def check_records(files, num_contexts, num_vocabulary=None):
-    """The first example must have num_contexts tokens (each < num_vocabulary, when given)."""
-    tokens = first_record_tokens(files)
-    length = len(tokens)
-    if length != num_contexts:
-        raise GPTSANError(f"the TFRecords have num_context={length} but the model has "
-                          f"num_contexts={num_contexts}; rebuild them with "
-                          f"scripts/make_tfrecord.py --num_context {num_contexts}")
-    largest = max(tokens, default=0)
-    if num_vocabulary is not None and largest >= num_vocabulary:
-        raise GPTSANError(f"the TFRecords hold token id {largest} but the model has "
-                          f"num_vocabulary={num_vocabulary}; make them with the vocabulary the "
-                          "model uses")
-
-
 def vocabulary_size(path):
     """Entries of a ja-swe vocabulary file (docs/ARCHITECTURE.md "Vocabulary files")."""
     return len(fingerprint.vocabulary_text(path).split("\n"))
@@ -678,21 +647,21 @@ def select_devices(mesh_shape, batch_size, model):
     return mesh_lib.cpu_devices_for(shape)
 
 
-def check_training_inputs(config, input_files, vocabulary, ignore_names, init_checkpoint=None,
+def check_training_inputs(config, files, vocabulary, ignore_names, init_checkpoint=None,
                           dtype="float32", dynamic_loss_scale=False, frozen_dtype="float32"):
     """Every check of a run that needs no graph; raises GPTSANError before anything is written.
 
-    Checks the TFRecords (found, num_context), the vocabulary size, the ignore list, and the
-    checkpoint to resume from (`config.train.output_dir`: same model, shapes, training state of
-    the same optimizer) or to start from (`init_checkpoint`: shapes). Returns (files, prefix of
-    the init checkpoint or None -- None also when the output directory already resumes).
+    Checks the token ids of the TFRecord `files` (found and checked for num_context by
+    `records.check_input_files`) against the vocabulary, the vocabulary size, the ignore list,
+    and the checkpoint to resume from (`config.train.output_dir`: same model, shapes, training
+    state of the same optimizer) or to start from (`init_checkpoint`: shapes). Returns the
+    prefix of the init checkpoint or None (None also when the output directory resumes).
     """
     model, train = config.model, config.train
     model_dir = train.output_dir
     if init_checkpoint and fileio.absolute(init_checkpoint) == fileio.absolute(model_dir):
         raise GPTSANError("--init_checkpoint must differ from --model_dir (the output directory)")
-    files = find_input_files(input_files)
-    check_records(files, model.num_contexts, model.num_vocabulary)
+    records.check_token_ids(files, model.num_vocabulary)
     model.validate_vocabulary(vocabulary_size(vocabulary), source=vocabulary)
     check_ignore_names(ignore_names, model)
     existing_params = fileio.join(model_dir, PARAMETERS_FILE)
@@ -710,14 +679,14 @@ def check_training_inputs(config, input_files, vocabulary, ignore_names, init_ch
             raise GPTSANError(f"{model_dir} was trained without --dynamic_loss_scale (it has "
                               "no loss scale to resume); resume without it, or train into a "
                               f"new --model_dir with --init_checkpoint {model_dir}")
-        return files, None
+        return None
     if not init_checkpoint:
-        return files, None
+        return None
     prefix = find_checkpoint(init_checkpoint, required=False)
     if prefix is None:
         raise GPTSANError(f"no checkpoint in --init_checkpoint {init_checkpoint}")
     check_checkpoint(prefix, model, init_checkpoint, complete=False)
-    return files, prefix
+    return prefix
 
 
 def write_model_dir(config, vocabulary, emoji):

@@ -44,7 +44,6 @@ def add_extra_layers(variables, model, num_new, seed=0, init="published", spout_
     layer l's spout K/V) and the new layers' block is zero -- a zero key and value leave the
     new layers' spout slot neutral until fine-tuning learns it.
     """
-    model = getattr(model, "model", model)
     if num_new <= 0:
         raise GPTSANError(f"the number of layers to add must be > 0, got {num_new}")
     if init not in ADD_INITS or spout_out not in SPOUT_OUTS:

@@ -46,8 +46,8 @@ HF_SEPARATOR_FROM_END, HF_PAD_FROM_END, HF_EOS_FROM_END = 2, 5, 1
 def tf_to_hf_variables(tf_vars, model, include_tied_head=False):
     """{TF name: array} -> {HF name: float32 array} for GPTSanJapaneseForConditionalGeneration.
 
-    `model` is the ModelConfig (a GPTSANConfig is accepted too). The tied `lm_head.weight` is
-    left out like `save_pretrained` does, unless `include_tied_head`.
+    `model` is the ModelConfig. The tied `lm_head.weight` is left out like `save_pretrained`
+    does, unless `include_tied_head`.
     """
     hf = {name: ref.load() for name, ref in tf_to_hf_refs(tf_vars, model).items()}
     if include_tied_head:
@@ -62,7 +62,6 @@ def tf_to_hf_refs(tf_vars, model, dtype=np.float32):
     loaded in name order: a two-tensor cache covers the interleaved names of one block
     (expert_0.wi, expert_0.wo, expert_1.wi, ...; k_proj, out_proj, q_proj, v_proj).
     """
-    model = getattr(model, "model", model)
     check_variables(tf_vars, model)
     dtype = np.dtype(dtype)
     cache = tensorio.LoadCache(capacity=2)

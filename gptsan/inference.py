@@ -20,6 +20,7 @@ from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
 from gptsan.modeling import KVCache, build_model
+from gptsan.spout import check_spout_input
 from gptsan.switch import GroupRouting, expert_capacity, split_into_groups
 from gptsan.variables import MODEL_VARIABLE_PREFIXES
 
@@ -226,19 +227,7 @@ class Predictor:
                                   f"0..{self.max_length}")
             precontext = precontext.astype(np.int32)
         if spout is not None:
-            width = self.model_config.num_spout
-            if not width:
-                raise GPTSANError("a spout vector was given but the model has num_spout=0")
-            spout = np.asarray(spout, dtype=np.float32)
-            if spout.ndim == 1:
-                spout = np.tile(spout[None], [batch, 1])
-            if spout.ndim != 2 or spout.shape[1] != width:
-                raise GPTSANError(f"spout has length {spout.shape[-1] if spout.ndim else 0} "
-                                  f"but the model expects num_spout={width}")
-            if spout.shape[0] != batch:
-                raise GPTSANError(f"spout has {spout.shape[0]} rows for a batch of {batch}")
-            if not np.all(np.isfinite(spout)):
-                raise GPTSANError("spout contains NaN or infinite values")
+            spout = check_spout_input(spout, self.model_config.num_spout, batch)
         return ids, precontext, spout
 
     # ------------------------------------------------------------------ programs

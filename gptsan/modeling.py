@@ -95,8 +95,6 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
     if past is None and length_dim.size > config.num_contexts:
         raise GPTSANError(f"sequence length {length_dim.size} is longer than num_contexts="
                           f"{config.num_contexts}")
-    if spout is not None and past is None and not config.num_spout:
-        raise GPTSANError("a spout vector was given but the model has num_spout=0")
 
     with tf.variable_scope("model"):
         wte = mtf.get_variable(mesh, "wte", [dims.vocab, dims.d], dtype=variable_dtype,
@@ -537,8 +535,6 @@ def _spout_projection(mesh, config, dims, spout, variable_dtype, active):
                                initializer=normal_initializer(SPOUT_STDDEV))
     if not active:
         return None
-    if spout.shape.dims != [dims.batch, dims.spout]:
-        raise GPTSANError(f"spout must have shape [batch, {dims.spout.size}], got {spout.shape}")
     p = mtf.cast(spout, variable_dtype.activation_dtype)
     for kernel in kernels:
         p = mtf.tanh(mtf.einsum([p, kernel], [dims.batch, dims.spout_hidden]))

@@ -119,13 +119,12 @@ def parse_spout(spec, num_spout, rows=1, seed=None, mode="onehot"):
         vector = class_spout_vector(int(spec), num_spout, mode, seed or 0)
     elif spec.endswith(".npy") or spec.endswith(".json"):
         vector = _load_vector(spec)
-        _require(vector.shape == (num_spout,),
-                 f"spout vector {spec} has shape {list(vector.shape)} but the model expects "
-                 f"[{num_spout}] (num_spout)")
     else:
         raise GPTSANError(f"unknown spout {spec!r}: use none, uniform, zeros, a class id (integer "
                           ">= 0) or a .npy/.json vector file")
-    return np.tile(vector[None], [rows, 1])
+    from gptsan.spout import check_spout_input
+
+    return check_spout_input(vector, num_spout, rows, f"spout vector {spec}")
 
 
 def class_spout_vector(class_id, num_spout, mode="onehot", seed=0):
@@ -156,7 +155,6 @@ def _load_vector(path):
         vector = np.asarray(data, dtype=np.float32)
     except (ValueError, TypeError, OSError) as err:
         raise GPTSANError(f"cannot read spout vector {path}: {err}") from None
-    _require(np.all(np.isfinite(vector)), f"spout vector {path} has non-finite values")
     return vector
 
 

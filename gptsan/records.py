@@ -69,9 +69,9 @@ def iterate_records(path):
     try:
         for record in tf.compat.v1.io.tf_record_iterator(path):
             yield record
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as err:
-        raise GPTSANError(f"{path} is not a valid TFRecord file ({err.message.splitlines()[0]})") \
-            from None
+    except tf.errors.OpError as err:
+        raise GPTSANError(f"{path} is not a readable TFRecord file: not a valid TFRecord "
+                          f"({err.message.splitlines()[0]})") from None
 
 
 def read_examples(path, start=0, count=None):
@@ -84,35 +84,53 @@ def read_examples(path, start=0, count=None):
         try:
             yield index, decode_example(record)
         except DecodeError:
-            raise GPTSANError(f"{path}: record {index} is not a tf.train.Example") from None
+            raise GPTSANError(f"{path} holds records that are not tf.train.Examples (record "
+                              f"{index} is not a tf.train.Example); make the input with "
+                              "scripts/make_tfrecord.py") from None
 
 
-def expand_patterns(file_patterns):
-    """Comma-separated string or list of globs -> sorted, de-duplicated list of files."""
+def find_input_files(file_patterns):
+    """Comma-separated string or list of globs (local or gs://) -> sorted, de-duplicated files:
+    not directories, not the <prefix>.vocabulary.json sidecars next to the shards."""
     if isinstance(file_patterns, str):
-        file_patterns = [p for p in file_patterns.split(",") if p.strip()]
-    files = set()
-    for pattern in file_patterns:  # not the <prefix>.vocabulary.json next to the shards
-        files.update(f for f in tf.io.gfile.glob(pattern.strip()) if not is_sidecar(f))
+        file_patterns = file_patterns.split(",")
+    patterns = [p.strip() for p in file_patterns if p.strip()]
+    files = {f for pattern in patterns for f in tf.io.gfile.glob(pattern)
+             if not tf.io.gfile.isdir(f) and not is_sidecar(f)}
     if not files:
-        raise GPTSANError(f"no training files match {','.join(file_patterns)}")
+        raise GPTSANError(f"no training files: no input files matched {','.join(patterns)!r}")
     return sorted(files)
 
 
-def check_num_context(files, num_context):
-    """The first record of the first file must have `num_context` tokens (one-line error if not)."""
-    first = next(iterate_records(files[0]), None)
-    if first is None:
-        raise GPTSANError(f"{files[0]} holds no examples")
-    try:
-        example = decode_example(first)
-    except DecodeError:
-        raise GPTSANError(f"{files[0]}: the first record is not a tf.train.Example") from None
-    found = len(example[X])
-    if found != num_context:
-        raise GPTSANError(f"{files[0]} holds examples of {found} tokens but the model has "
+def first_tokens(files):
+    """(path, `x` tokens) of the first example in `files` (empty files are skipped)."""
+    for path in files:
+        for _, example in read_examples(path, count=1):
+            return path, example[X]
+    raise GPTSANError(f"the input files hold no examples ({files[0]} ...): they are empty, "
+                      "truncated or not TFRecord files; make them with scripts/make_tfrecord.py")
+
+
+def check_input_files(file_patterns, num_context):
+    """The TFRecord files of `file_patterns`, checked once where they enter (a CLI or
+    `input_fn_builder`): they exist, hold tf.train.Examples, and the first has `num_context`
+    tokens. Returns the sorted files."""
+    files = find_input_files(file_patterns)
+    path, tokens = first_tokens(files)
+    if len(tokens) != num_context:
+        raise GPTSANError(f"{path} holds examples of {len(tokens)} tokens but the model has "
                           f"num_contexts={num_context}; remake the data with "
-                          f"--num_context {num_context}")
+                          f"scripts/make_tfrecord.py --num_context {num_context}")
+    return files
+
+
+def check_token_ids(files, num_vocabulary):
+    """The first example's token ids must be < num_vocabulary (the model's vocabulary)."""
+    largest = int(max(first_tokens(files)[1], default=0))
+    if largest >= num_vocabulary:
+        raise GPTSANError(f"the TFRecords hold token id {largest} but the model has "
+                          f"num_vocabulary={num_vocabulary}; make them with the vocabulary the "
+                          "model uses")
 
 
 def input_fn_builder(file_patterns, num_context, batch_size, is_training, seed=None):
@@ -121,10 +139,14 @@ def input_fn_builder(file_patterns, num_context, batch_size, is_training, seed=N
     Batches are static ([batch_size, num_context], drop_remainder=True); TPUEstimator's
     params["batch_size"] (per-shard batch) wins over `batch_size`. Training reads the shards in
     a seeded random order, interleaved, shuffled and repeated forever; evaluation reads them once
-    in order. The files are checked here, before the Estimator starts.
+    in order. The files are checked here (`check_input_files`), before the Estimator starts.
     """
-    files = expand_patterns(file_patterns)
-    check_num_context(files, num_context)
+    return make_input_fn(check_input_files(file_patterns, num_context), num_context, batch_size,
+                         is_training, seed)
+
+
+def make_input_fn(files, num_context, batch_size, is_training, seed=None):
+    """`input_fn_builder` over `files` already checked by `check_input_files`."""
 
     def input_fn(params=None):
         size = (params or {}).get("batch_size", batch_size)

@@ -8,6 +8,36 @@ from gptsan.errors import GPTSANError
 SPOUT_VECTORS = ("none", "uniform", "stateless_uniform", "onehot", "half_onehot")
 
 
+def check_spout_vector(kind, num_spout):
+    """--spout_vector `kind` must be one of SPOUT_VECTORS, and other than none needs a spout."""
+    if kind not in SPOUT_VECTORS:
+        raise GPTSANError(f"unknown --spout_vector {kind!r}; use one of {', '.join(SPOUT_VECTORS)}")
+    if kind != "none" and num_spout <= 0:
+        raise GPTSANError(f"--spout_vector {kind} needs a model with num_spout > 0")
+
+
+def check_spout_input(spout, num_spout, batch, what="spout"):
+    """A spout given to the model (named `what` in messages) -> float32 [batch, num_spout].
+
+    A [num_spout] vector is repeated for every row; anything that does not fit the model is a
+    one-line GPTSANError.
+    """
+    if num_spout <= 0:
+        raise GPTSANError(f"{what} was given but the model has no spout input (num_spout=0)")
+    spout = np.asarray(spout, dtype=np.float32)
+    if spout.ndim == 1:
+        spout = np.tile(spout[None], [batch, 1])
+    if spout.ndim != 2 or spout.shape[1] != num_spout:
+        raise GPTSANError(f"{what} has length {spout.shape[-1] if spout.ndim else 0} but the "
+                          f"model expects num_spout={num_spout} (shape [{num_spout}] or "
+                          f"[batch, {num_spout}])")
+    if spout.shape[0] != batch:
+        raise GPTSANError(f"{what} has {spout.shape[0]} rows for a batch of {batch}")
+    if not np.all(np.isfinite(spout)):
+        raise GPTSANError(f"{what} has NaN or infinite values")
+    return spout
+
+
 def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
     """The spout input for each example of a batch, from its class id (`i` feature).
 
@@ -22,12 +52,9 @@ def spout_vectors(kind, ids, num_spout, global_step=None, seed=0):
     from TF's stateful generator: same distribution, other values).
     ids: int Tensor [batch, 1] or [batch]. Returns float32 [batch, num_spout] or None.
     """
-    if kind not in SPOUT_VECTORS:
-        raise GPTSANError(f"unknown --spout_vector {kind!r}; use one of {', '.join(SPOUT_VECTORS)}")
+    check_spout_vector(kind, num_spout)
     if kind == "none":
         return None
-    if num_spout <= 0:
-        raise GPTSANError(f"--spout_vector {kind} needs a model with num_spout > 0")
     ids = tf.reshape(tf.cast(ids, tf.int32), [-1])  # [batch]
     batch = ids.shape[0]
 
