@@ -178,7 +178,6 @@ def run_steps(args, config, steps, work):
     bench = Bench(args, config, work)
     bench.report = report
     vocab = os.path.join(ROOT, VOCAB_FILE)
-    convert = _script("scripts/convert_checkpoint.py")
     if "baseline" in steps:
         bench.run("baseline", _script("scripts/bench_scale.py") + ["--baseline"])
     if any(s != "baseline" for s in steps):
@@ -188,20 +187,7 @@ def run_steps(args, config, steps, work):
             "--config", args.config, "--write_random", bench.path("model"),
             "--seed", str(args.seed)])
         figures["ratio_to_weights"] = round(figures["peak_rss_bytes"] / weights, 3)
-    conversions = (("to_hf", "model", "hf", []), ("from_hf", "hf", "back", []),
-                   ("to_hf16", "model", "hf16", ["--dtype", "float16"]),
-                   ("from_hf16", "hf16", "back16", []))
-    for step, src, dst, extra in conversions:
-        needed = step in steps or (step in ("to_hf", "to_hf16") and
-                                   f"from_{step[3:]}" in steps)
-        if not needed:
-            continue
-        bench.remove(dst)
-        figures = bench.run(step, convert + ["--src", bench.path(src), "--dst", bench.path(dst),
-                                             "--force", *extra])
-        _conversion_figures(figures, weights, largest)
-        if step.startswith("from_"):
-            bench.remove(src, dst)
+    _run_conversions(bench, steps, weights, largest)
     if {"add_layers", "finetune", "finetune_bf16"} & set(steps):
         bench.remove("ft")
         figures = bench.run("add_layers", _script("scripts/add_layers.py") + [
@@ -233,6 +219,25 @@ def run_steps(args, config, steps, work):
         figures["limit_ratio"] = GENERATE_LIMIT
         figures["within_limit"] = figures["ratio_to_weights"] <= GENERATE_LIMIT
     return report
+
+
+def _run_conversions(bench, steps, weights, largest):
+    """The to_hf / from_hf / to_hf16 / from_hf16 steps asked for (a from_ step needs its to_)."""
+    conversions = (("to_hf", "model", "hf", []), ("from_hf", "hf", "back", []),
+                   ("to_hf16", "model", "hf16", ["--dtype", "float16"]),
+                   ("from_hf16", "hf16", "back16", []))
+    convert = _script("scripts/convert_checkpoint.py")
+    for step, src, dst, extra in conversions:
+        needed = step in steps or (step in ("to_hf", "to_hf16") and
+                                   f"from_{step[3:]}" in steps)
+        if not needed:
+            continue
+        bench.remove(dst)
+        figures = bench.run(step, convert + ["--src", bench.path(src), "--dst", bench.path(dst),
+                                             "--force", *extra])
+        _conversion_figures(figures, weights, largest)
+        if step.startswith("from_"):
+            bench.remove(src, dst)
 
 
 def _conversion_figures(figures, weights, largest):
