@@ -1,4 +1,4 @@
-"""Text files -> GPTSAN TFRecord training shards (published make_tfrecord.py flags).
+"""Text files -> GPTSAN TFRecord training shards (flags of the published make_tfrecord_simple).
 
     python scripts/make_tfrecord.py --input_files 'data/sample/*.txt' --mode hybrid \
         --num_context 1280 --output_prefix out/hybrid --seed 0
