@@ -145,6 +145,7 @@ def model_fn_builder(setup):
         if mode != tf.estimator.ModeKeys.TRAIN:
             raise GPTSANError("the GPTSAN estimator only trains; use gptsan.inference to predict")
         from gptsan.modeling import build_model  # the model (H3) is only needed to build graphs
+        from gptsan.plan import TRAIN, execution_plan
 
         model_config = setup.config.model
         x = tf.cast(features["x"], tf.int32)  # [batch, length]
@@ -183,11 +184,11 @@ def model_fn_builder(setup):
         frozen_storage = FROZEN_DTYPES[setup.frozen_dtype]
         with tf.variable_scope("", custom_getter=_storage_getter(setup.ignore_names,
                                                                  frozen_storage)):
-            output = build_model(model_config, mesh, ids, num_precontext, spout, train=True,
-                                 one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
-                                 variable_dtype=mesh_lib.dtype_policy(setup.dtype),
-                                 # fine-tuning on a frozen backbone: memory before speed
-                                 recompute_ext_layers=bool(setup.ignore_names))
+            plan = execution_plan(setup.mesh_shape, TRAIN, tpu=setup.use_tpu,
+                                  # fine-tuning on a frozen backbone: memory before speed
+                                  recompute_ext_layers=bool(setup.ignore_names))
+            output = build_model(model_config, mesh, ids, num_precontext, spout, plan=plan,
+                                 variable_dtype=mesh_lib.dtype_policy(setup.dtype))
         vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
         cross_entropy, token_count = lm_loss(output.logits, targets, vocab_dim)
         aux_loss = output.aux_loss
