@@ -103,8 +103,7 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, plan=N
       spout: optional float mtf [batch, spout]; ignored when `past` is given (the cache
         already holds the spout slot).
       plan: `plan.ExecutionPlan` (default `execution_plan()`: inference on any layout): how
-        products, experts and attention run, and whether the build trains (router jitter,
-        training capacity factor; extra layers recomputed in the backward pass).
+        products, experts and attention run, and whether the build trains.
       variable_dtype: mtf.VariableDType (default `dtype_policy("float32")`).
       past: optional KVCache: slots < past.length hold earlier keys/values (later slots are
         never read); this call's tokens take memory positions past.length .. + length - 1 and
@@ -113,8 +112,7 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, plan=N
       group_routing: optional list of `switch.GroupRouting`, one per Switch layer (a cached
         step continuing a routed group).
     Returns:
-      ModelOutput. Extra layers recomputed in the backward pass report no `presents` /
-      `new_keys_values` (training does not use them).
+      ModelOutput (extra layers recomputed in the backward pass: no presents / keys).
     """
     plan = plan or execution_plan()
     variable_dtype = variable_dtype or meshlib.dtype_policy("float32")
@@ -126,21 +124,10 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, plan=N
         with tf.variable_scope("pasts"):
             spout_kv = _spout_projection(mesh, config, dims, spout, variable_dtype,
                                          active=spout is not None and past is None)
-
-    # Past slots P and memory M (with a cache, P is only known at run time: M unused).
-    if past is not None:
-        num_past, memory_dim = past.length, None  # int32 mtf scalar
-    else:
-        num_past = 1 if spout_kv is not None else 0
-        memory_dim = mtf.Dimension(meshlib.MEMORY, num_past + dims.length.size)
-
-    # Positions: t + P, clipped to num_contexts - 1 (published clips only with pasts/spout;
-    # without them t + 0 <= num_contexts - 1 already).
-    positions = mtf.range(mesh, dims.length, tf.int32) + num_past  # [T]
-    positions = mtf.minimum(positions, config.num_contexts - 1)
+    num_past, memory_dim, positions = _positions(mesh, config, dims, past, spout_kv)
     lookup = plan.products.gather_rows
-    position_embedding = lookup(wpe, positions, [dims.length, dims.d])  # [T, D]
-    x = lookup(wte, input_ids, [dims.batch, dims.length, dims.d]) + position_embedding
+    x = (lookup(wte, input_ids, [dims.batch, dims.length, dims.d])  # [B, T, D]
+         + lookup(wpe, positions, [dims.length, dims.d]))  # [T, D]
     mask = _attention_mask(mesh, dims, memory_dim, num_past, num_precontext, past,
                            variable_dtype.activation_dtype)
 
@@ -149,13 +136,9 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, plan=N
     for layer in range(config.num_layers):
         if layer == config.num_switch_layers and ete is not None:
             x += lookup(ete, positions, [dims.length, dims.d])
-        layer_past = None
-        if past is not None:
-            layer_past = (past.keys[layer], past.values[layer], past.length)
-        elif spout_kv is not None:
-            layer_past = spout_kv[layer]
-        x, present, kv, switch = _layer(x, mask, layer_past, layer, config, dims, plan,
-                                         variable_dtype, routing_group_size, group_routing)
+        x, present, kv, switch = _layer(x, mask, _layer_past(past, spout_kv, layer), layer,
+                                         config, dims, plan, variable_dtype,
+                                         routing_group_size, group_routing)
         presents.append(present)
         new_kv.append(kv)
         hidden_states.append(x)
@@ -176,6 +159,19 @@ def _check_inputs(config, dims, spout, past):
                           f"{config.num_contexts}")
     if spout is not None and past is None and not config.num_spout:
         raise GPTSANError("a spout vector was given but the model has num_spout=0")
+
+
+def _positions(mesh, config, dims, past, spout_kv):
+    """(P past slots, memory dim M, positions [T]). With a cache P is only known at run time
+    (an int32 mtf scalar) and M is None. Positions: t + P, clipped to num_contexts - 1
+    (published clips only with pasts/spout; without them t + 0 <= num_contexts - 1 already)."""
+    if past is not None:
+        num_past, memory_dim = past.length, None
+    else:
+        num_past = 1 if spout_kv is not None else 0
+        memory_dim = mtf.Dimension(meshlib.MEMORY, num_past + dims.length.size)
+    positions = mtf.range(mesh, dims.length, tf.int32) + num_past  # [T]
+    return num_past, memory_dim, mtf.minimum(positions, config.num_contexts - 1)
 
 
 def _embedding_tables(mesh, config, dims, variable_dtype):
@@ -202,6 +198,13 @@ def _attention_mask(mesh, dims, memory_dim, num_past, num_precontext, past, dtyp
     new_dim = mtf.Dimension(meshlib.MEMORY + "_new", dims.length.size)
     return _visibility(mesh, dims.batch, dims.length, new_dim, num_past, num_past,
                        num_precontext, dtype)
+
+
+def _layer_past(past, spout_kv, layer):
+    """The layer's (K, V, length) from the cache, (k, v) of the spout, or None."""
+    if past is not None:
+        return past.keys[layer], past.values[layer], past.length
+    return None if spout_kv is None else spout_kv[layer]
 
 
 def _layer(x, mask, past, layer, config, dims, plan, variable_dtype, group_size,
