@@ -4,11 +4,11 @@ The model code (`modeling.build_model`, `switch.switch_ffn`) takes an `Execution
 calls its objects; it does not know which of them runs. `execution_plan` picks them from the
 mesh layout and the mode:
 
-| mode, mesh | products | experts (general) | attention |
+| mode, mesh | products | experts (S > C) | attention |
 |---|---|---|---|
-| infer, model split (or unknown) | `SliceProducts`, einsum over split heads | `OneHotDispatch` | stored |
+| infer, model split or unknown | `SliceProducts` (einsum over heads) | `OneHotDispatch` | stored |
 | infer, model size 1 | `SliceProducts` | `RoutedExperts` | stored |
-| train, one slice (not TPU) | `SliceProducts`, differentiable | `RoutedExperts`, differentiable | recomputed |
+| train, one slice, not TPU | `SliceProducts`, differentiable | `RoutedExperts`, same | recomputed |
 | train, any other mesh | `EinsumProducts` | `OneHotDispatch` | recomputed |
 
 Inference also routes tiny groups (2 S <= E) by `TokenChoice`; every mode runs groups that
@@ -28,7 +28,7 @@ TRAIN, INFER = "train", "infer"
 class ExecutionPlan:
     """The objects one build runs with (see the module docstring for the choices)."""
     training: bool  # model semantics (published): router jitter, training capacity factor
-    products: object  # dense / tied_logits / gather_rows: `layers.EinsumProducts` or `SliceProducts`
+    products: object  # dense, tied_logits, gather_rows: `layers.EinsumProducts` / `SliceProducts`
     experts: object  # (tokens, routing, w_in, w_out) -> [G, S, D]: `experts.ByGroupShape`
     attention: object  # (q, keys, values, mask, bthk) -> context: `attention.*Attention`
     recompute_ext_layers: bool = False  # training: extra layers recompute in the backward pass
