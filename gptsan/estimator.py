@@ -232,15 +232,16 @@ class _Losses(typing.NamedTuple):
 def _build_losses(mesh, inputs, setup):
     """The model on `inputs` (frozen variables stored as setup.frozen_dtype) and its losses."""
     from gptsan.modeling import build_model  # the model (H3) is only needed to build graphs
+    from gptsan.plan import TRAIN, execution_plan
 
+    plan = execution_plan(setup.mesh_shape, TRAIN, tpu=setup.use_tpu,
+                          # fine-tuning on a frozen backbone: memory before speed
+                          recompute_ext_layers=bool(setup.ignore_names))
     getter = _storage_getter(setup.ignore_names, FROZEN_DTYPES[setup.frozen_dtype])
     with tf.variable_scope("", custom_getter=getter):
         output = build_model(setup.config.model, mesh, inputs.ids, inputs.num_precontext,
-                             inputs.spout, train=True,
-                             one_slice=setup.mesh_shape.size == 1 and not setup.use_tpu,
-                             variable_dtype=mesh_lib.dtype_policy(setup.dtype),
-                             # fine-tuning on a frozen backbone: memory before speed
-                             recompute_ext_layers=bool(setup.ignore_names))
+                             inputs.spout, plan=plan,
+                             variable_dtype=mesh_lib.dtype_policy(setup.dtype))
     vocab_dim = output.logits.shape.get_dim_by_name(mesh_lib.VOCAB)
     cross_entropy, token_count = lm_loss(output.logits, inputs.targets, vocab_dim)
     aux_loss = mtf.cast(output.aux_loss, tf.float32)

@@ -20,6 +20,7 @@ from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
 from gptsan.errors import GPTSANError
 from gptsan.modeling import KVCache, build_model
+from gptsan.plan import INFER, execution_plan
 from gptsan.spout import check_spout_input
 from gptsan.switch import GroupRouting, expert_capacity, split_into_groups
 from gptsan.variables import MODEL_VARIABLE_PREFIXES
@@ -336,8 +337,8 @@ class _Program:
                                    if kind == "step" else (None, None))
             output = build_model(
                 predictor.model_config, mesh, inputs.ids, num_precontext=inputs.precontext,
-                spout=inputs.spout, train=False, variable_dtype=predictor.variable_dtype,
-                past=past, unsplit_model=meshlib.model_parallel_size(predictor.mesh_shape) == 1,
+                spout=inputs.spout, plan=execution_plan(predictor.mesh_shape, INFER),
+                variable_dtype=predictor.variable_dtype, past=past,
                 routing_group_size=group_size, group_routing=group_routing)
             lowering = mtf.Lowering(mesh.graph, {mesh: predictor._mesh_impl})
             fetches = _fetches(lowering, output)

@@ -1,4 +1,6 @@
-"""Mesh-TF building blocks shared by `modeling` and `switch`: dense products and their init."""
+"""Mesh-TF building blocks shared by `modeling` and `switch`: dense products and their init,
+and the two ways a plan runs them (`EinsumProducts`, `SliceProducts`)."""
+import dataclasses
 import math
 
 from gptsan.compat import mtf, tf
@@ -102,3 +104,109 @@ def softmax_cross_entropy(logits, labels, vocab_dim, z_loss=0.0):
                                output_dtype=[tf.float32] * 3, splittable_dims=token_dims,
                                grad_function=gradient, name="cross_entropy")
     return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumProducts:
+    """Products as mtf.einsum, whose gradients mtf sums across the mesh: training on a mesh
+    of more than one slice."""
+
+    def dense(self, x, w, output_dims):
+        """x . w over their shared dims -> output_dims."""
+        return mtf.einsum([x, w], output_dims)
+
+    def tied_logits(self, z, table, bias, output_dims):
+        """z [B, T, D] . table [V, D]^T + bias [V] -> [B, T, V]."""
+        return mtf.einsum([z, table], output_dims) + bias
+
+    def gather_rows(self, table, indices, output_shape):
+        """table[indices]; the table's gradient is the one-hot einsum (what `mtf.gather`
+        computes forward; mtf sums it over split batch slices)."""
+        return _gather_rows(table, indices, output_shape, _one_hot_rows_gradient)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceProducts:
+    """Products as one TF kernel per slice: `dense`'s fused matmul (several times faster on
+    CPU than an einsum), a tied head of one matmul + bias_add, tf.gather lookups.
+
+    split: names of the tensor dims the layout may split; a product contracting one of them
+    stays an mtf.einsum (a per-slice matmul would miss the other slices' partial sums).
+    differentiable: the kernels' own per-slice gradients (matmuls, a segment-sum table
+    gradient instead of the [tokens, rows] one-hot product); their weight gradients sum over
+    the slice's own tokens only, so only one-slice meshes train with them.
+    """
+    split: frozenset = frozenset()
+    differentiable: bool = False
+
+    def dense(self, x, w, output_dims):
+        """x . w over their shared dims -> output_dims."""
+        shared = {d.name for d in x.shape.dims if d in w.shape.dims}
+        return dense(x, w, output_dims, fused=not shared & self.split,
+                     differentiable=self.differentiable)
+
+    def tied_logits(self, z, table, bias, output_dims):
+        """z [B, T, D] . table [V, D]^T + bias [V] -> [B, T, V] (vocab is never split)."""
+        return tied_projection(z, table, bias, output_dims, self.differentiable)
+
+    def gather_rows(self, table, indices, output_shape):
+        """table[indices] (the table's first dim must not be split)."""
+        gradient = _segment_sum_rows_gradient if self.differentiable else 0
+        return _gather_rows(table, indices, output_shape, gradient)
+
+
+def _gather_rows(table, indices, output_shape, gradient):
+    """table[indices] with tf.gather per slice (the table's first dim must not be split)."""
+    output_shape = mtf.Shape(output_shape)
+    return mtf.slicewise(lambda rows, ids: tf.gather(rows, ids), [table, indices],
+                         output_shape=output_shape, output_dtype=table.dtype,
+                         splittable_dims=output_shape.dims, grad_function=gradient,
+                         name="gather_rows")
+
+
+def _one_hot_rows_gradient(op, dy):
+    onehot = mtf.one_hot(op.inputs[1], op.inputs[0].shape.dims[0], dtype=dy.dtype)
+    return [mtf.einsum([onehot, dy], output_shape=op.inputs[0].shape), None]
+
+
+def _segment_sum_rows_gradient(op, dy):
+    """One-slice table gradient: a segment sum, which skips the [tokens, rows] one-hot
+    product (2048 x 36k x d multiply-adds for a small batch)."""
+    rows = op.inputs[0].shape.dims[0].size
+
+    def segment_sum(ids, grad):  # [...], [..., d] -> [rows, d]
+        return tf.math.unsorted_segment_sum(grad, ids, rows)
+
+    return [mtf.slicewise(segment_sum, [op.inputs[1], dy], output_shape=op.inputs[0].shape,
+                          output_dtype=dy.dtype, splittable_dims=dy.shape.dims,
+                          grad_function=0, name="gather_rows_grad"), None]
+
+
+def tied_projection(z, table, bias, output_dims, differentiable):
+    """z [B, T, D] . table [V, D]^T + bias [V] -> [B, T, V] as one matmul + bias_add per
+    slice (table and bias whole on every slice); with `differentiable`, a gradient of two
+    matmuls (no transposed copy of the [tokens, vocab] gradient), one-slice meshes only."""
+    splittable = z.shape.dims[:-1]
+
+    def forward(hidden, table, bias):  # [b, t, d], [V, d], [V] -> [b, t, V]
+        flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
+        out = tf.nn.bias_add(tf.matmul(flat, table, transpose_b=True), bias)
+        return tf.reshape(out, hidden.shape[:-1].concatenate(table.shape[:1]))
+
+    def gradient(op, dy):
+        def backward(hidden, table, dy):  # -> d hidden [b, t, d], d table [V, d], d bias [V]
+            flat, dy2 = tf.reshape(hidden, [-1, hidden.shape[-1]]), tf.reshape(
+                dy, [-1, dy.shape[-1]])
+            return (tf.reshape(tf.matmul(dy2, table), hidden.shape),
+                    tf.matmul(dy2, flat, transpose_a=True), tf.reduce_sum(dy2, 0))
+
+        z_, table_, bias_ = op.inputs
+        return mtf.slicewise(backward, [z_, table_, dy],
+                             output_shape=[z_.shape, table_.shape, bias_.shape],
+                             output_dtype=[z_.dtype, table_.dtype, bias_.dtype],
+                             splittable_dims=splittable, grad_function=0, name="tied_grad")
+
+    return mtf.slicewise(forward, [z, table, bias], output_shape=output_dims,
+                         output_dtype=z.dtype, splittable_dims=splittable,
+                         grad_function=gradient if differentiable else 0,
+                         name="tied_projection")

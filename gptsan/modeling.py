@@ -17,11 +17,12 @@ from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
 from gptsan.config import SPOUT_DEPTH
 from gptsan.errors import GPTSANError
-from gptsan.layers import dense, normal_initializer
+from gptsan.attention import MASKED_SCORE
+from gptsan.layers import normal_initializer
+from gptsan.plan import execution_plan
 from gptsan.switch import RouterStats, switch_ffn
 
 LAYER_NORM_EPSILON = 1e-5  # published (and HF) LayerNorm epsilon
-MASKED_SCORE = -1e4  # published: masked attention scores become s*m - (1-m)*1e4
 # Initialisation of a model trained from scratch (HEAD modeling.py): normal stddevs; the
 # extra-layer position embedding `ete`, biases and LayerNorm b start at 0, LayerNorm g at 1.
 WTE_STDDEV = 0.02  # token embedding
@@ -53,9 +54,8 @@ class ModelOutput:
     new_keys_values: List[tuple]  # per layer (k, v) [B, T, H, K] of this call's tokens only
 
 
-def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=False,
-                variable_dtype=None, past=None, unsplit_model=False, routing_group_size=None,
-                one_slice=False, group_routing=None, recompute_ext_layers=False):
+def build_model(config, mesh, input_ids, num_precontext=None, spout=None, plan=None,
+                variable_dtype=None, past=None, routing_group_size=None, group_routing=None):
     """Builds the GPTSAN forward pass on `mesh`.
 
     Args:
@@ -66,36 +66,78 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         are visible from every query (Prefix-LM; counts spout/past slots, as published).
       spout: optional float mtf [batch, spout]; ignored when `past` is given (the cache
         already holds the spout slot).
-      train: bool (router jitter, training capacity factor).
+      plan: `plan.ExecutionPlan` (default `execution_plan()`: inference on any layout): how
+        products, experts and attention run, and whether the build trains.
       variable_dtype: mtf.VariableDType (default `dtype_policy("float32")`).
       past: optional KVCache: slots < past.length hold earlier keys/values (later slots are
         never read); this call's tokens take memory positions past.length .. + length - 1 and
         their keys/values come back in `new_keys_values` for the caller to store.
-      unsplit_model: inference on a mesh whose model dimension is 1 (heads and experts are
-        whole on every slice): enables the per-expert gather/scatter path (see
-        `switch.switch_ffn`) and one-matmul output projections.
       routing_group_size: optional Switch routing group size (see `switch.switch_ffn`).
       group_routing: optional list of `switch.GroupRouting`, one per Switch layer (a cached
         step continuing a routed group).
-      one_slice: the mesh is one device (1x1): per-slice TF code sees whole tensors, so
-        training may use it too, with its own per-slice gradients (the per-expert Switch
-        path, a segment-sum embedding gradient, matmul projections and tied head) instead
-        of one-hot einsums.
-      recompute_ext_layers: training (fine-tuning): each extra dense layer keeps only its
-        input for the backward pass and recomputes the rest there (`mtf.recompute_grad`),
-        so activation memory stays about one layer's whatever the number of added layers.
-        Such layers report no `presents` / `new_keys_values` (training does not use them).
     Returns:
-      ModelOutput.
+      ModelOutput (extra layers recomputed in the backward pass: no presents / keys).
     """
+    plan = plan or execution_plan()
     variable_dtype = variable_dtype or meshlib.dtype_policy("float32")
-    dtype = variable_dtype.activation_dtype
-    batch_dim, length_dim = input_ids.shape.dims
-    dims = _Dims(config, batch_dim, length_dim)
-    if past is None and length_dim.size > config.num_contexts:
-        raise GPTSANError(f"sequence length {length_dim.size} is longer than num_contexts="
+    dims = _Dims(config, *input_ids.shape.dims)
+    _check_inputs(config, dims, spout, past)
+    wte, wpe, ete = _embedding_tables(mesh, config, dims, variable_dtype)
+    spout_kv = None
+    if config.num_spout:
+        with tf.variable_scope("pasts"):
+            spout_kv = _spout_projection(mesh, config, dims, spout, variable_dtype,
+                                         active=spout is not None and past is None)
+    num_past, memory_dim, positions = _positions(mesh, config, dims, past, spout_kv)
+    lookup = plan.products.gather_rows
+    x = (lookup(wte, input_ids, [dims.batch, dims.length, dims.d])  # [B, T, D]
+         + lookup(wpe, positions, [dims.length, dims.d]))  # [T, D]
+    mask = _attention_mask(mesh, dims, memory_dim, num_past, num_precontext, past,
+                           variable_dtype.activation_dtype)
+
+    hidden_states, stats, presents, new_kv = [], [], [], []
+    aux_loss = mtf.zeros(mesh, [], dtype=tf.float32)
+    for layer in range(config.num_layers):
+        if layer == config.num_switch_layers and ete is not None:
+            x += lookup(ete, positions, [dims.length, dims.d])
+        x, present, kv, switch = _layer(x, mask, _layer_past(past, spout_kv, layer), layer,
+                                         config, dims, plan, variable_dtype,
+                                         routing_group_size, group_routing)
+        presents.append(present)
+        new_kv.append(kv)
+        hidden_states.append(x)
+        if switch is not None:
+            aux_loss += switch[0]
+            stats.append(switch[1])
+
+    with tf.variable_scope("model"):
+        logits = _head(x, wte, dims, variable_dtype, plan.products)
+    return ModelOutput(logits=logits, hidden_states=hidden_states, aux_loss=aux_loss,
+                       router_stats=stats, presents=presents, new_keys_values=new_kv)
+
+
+def _check_inputs(config, dims, spout, past):
+    """Refuses a sequence longer than the position table and a spout the model lacks."""
+    if past is None and dims.length.size > config.num_contexts:
+        raise GPTSANError(f"sequence length {dims.length.size} is longer than num_contexts="
                           f"{config.num_contexts}")
 
+
+def _positions(mesh, config, dims, past, spout_kv):
+    """(P past slots, memory dim M, positions [T]). With a cache P is only known at run time
+    (an int32 mtf scalar) and M is None. Positions: t + P, clipped to num_contexts - 1
+    (published clips only with pasts/spout; without them t + 0 <= num_contexts - 1 already)."""
+    if past is not None:
+        num_past, memory_dim = past.length, None
+    else:
+        num_past = 1 if spout_kv is not None else 0
+        memory_dim = mtf.Dimension(meshlib.MEMORY, num_past + dims.length.size)
+    positions = mtf.range(mesh, dims.length, tf.int32) + num_past  # [T]
+    return num_past, memory_dim, mtf.minimum(positions, config.num_contexts - 1)
+
+
+def _embedding_tables(mesh, config, dims, variable_dtype):
+    """model/wte [V, D], wpe [C, D] and (with extra layers, else None) ete [C, D]."""
     with tf.variable_scope("model"):
         wte = mtf.get_variable(mesh, "wte", [dims.vocab, dims.d], dtype=variable_dtype,
                                initializer=normal_initializer(WTE_STDDEV))
@@ -105,99 +147,64 @@ def build_model(config, mesh, input_ids, num_precontext=None, spout=None, train=
         if config.num_ext_layers:
             ete = mtf.get_variable(mesh, "ete", [dims.contexts, dims.d], dtype=variable_dtype,
                                    initializer=tf.zeros_initializer())
+    return wte, wpe, ete
 
-    spout_kv = None
-    if config.num_spout:
-        with tf.variable_scope("pasts"):
-            spout_kv = _spout_projection(mesh, config, dims, spout, variable_dtype,
-                                         active=spout is not None and past is None)
 
-    # Past slots P and memory M (with a cache, P is only known at run time: M unused).
-    if past is not None:
-        num_past, memory_dim = past.length, None  # int32 mtf scalar
-    else:
-        num_past = 1 if spout_kv is not None else 0
-        memory_dim = mtf.Dimension(meshlib.MEMORY, num_past + length_dim.size)
-
-    # Positions: t + P, clipped to num_contexts - 1 (published clips only with pasts/spout;
-    # without them t + 0 <= num_contexts - 1 already).
-    positions = mtf.range(mesh, length_dim, tf.int32) + num_past  # [T]
-    positions = mtf.minimum(positions, config.num_contexts - 1)
-    position_embedding = _gather_rows(wpe, positions, [length_dim, dims.d], one_slice)  # [T, D]
-    x = _gather_rows(wte, input_ids, [batch_dim, length_dim, dims.d], one_slice) \
-        + position_embedding
-
-    # Key j (memory index) visible from query t iff j <= t + P or j < num_precontext.
+def _attention_mask(mesh, dims, memory_dim, num_past, num_precontext, past, dtype):
+    """Key j (memory index) visible from query t iff j <= t + P or j < num_precontext:
+    [B?, T, M], or with a cache [B?, T, T'] for this call's keys (the filled cache slots
+    j < P are all visible)."""
     if past is None:
-        mask = _visibility(mesh, batch_dim, length_dim, memory_dim, 0, num_past,
-                           num_precontext, dtype)  # [B?, T, M]
-    else:
-        # Filled cache slots (j < P) are all visible; the new keys by the same rule.
-        new_dim = mtf.Dimension(meshlib.MEMORY + "_new", length_dim.size)
-        mask = _visibility(mesh, batch_dim, length_dim, new_dim, num_past, num_past,
-                           num_precontext, dtype)  # [B?, T, T']
+        return _visibility(mesh, dims.batch, dims.length, memory_dim, 0, num_past,
+                           num_precontext, dtype)
+    new_dim = mtf.Dimension(meshlib.MEMORY + "_new", dims.length.size)
+    return _visibility(mesh, dims.batch, dims.length, new_dim, num_past, num_past,
+                       num_precontext, dtype)
 
-    hidden_states, stats, presents, new_kv = [], [], [], []
-    aux_loss = mtf.zeros(mesh, [], dtype=tf.float32)
-    for layer in range(config.num_layers):
-        if layer == config.num_switch_layers and ete is not None:
-            x += _gather_rows(ete, positions, [length_dim, dims.d], one_slice)
-        layer_past = None
-        if past is not None:
-            layer_past = (past.keys[layer], past.values[layer], past.length)
-        elif spout_kv is not None:
-            layer_past = spout_kv[layer]
-        if train and recompute_ext_layers and layer >= config.num_switch_layers:
-            def ext_layer(x_, mask_, *past_, layer=layer):
-                return _ext_block(x_, mask_, tuple(past_) or None, layer, dims, memory_dim,
-                                  variable_dtype, one_slice)
 
-            x = mtf.recompute_grad(ext_layer, [x, mask] + list(layer_past or ()))
-            presents.append(None)
-            new_kv.append(None)
-            hidden_states.append(x)
-            continue
-        with tf.variable_scope(f"model/att{layer}"):
-            attended, present, kv = _attention(x, mask, dims, memory_dim, layer_past,
-                                               variable_dtype, train, unsplit_model, one_slice)
-        presents.append(present)
-        new_kv.append(kv)
-        with tf.variable_scope(f"model/an{layer}"):
-            x += layer_norm(attended, dims.d, variable_dtype)
-        if layer < config.num_switch_layers:
+def _layer_past(past, spout_kv, layer):
+    """The layer's (K, V, length) from the cache, (k, v) of the spout, or None."""
+    if past is not None:
+        return past.keys[layer], past.values[layer], past.length
+    return None if spout_kv is None else spout_kv[layer]
+
+
+def _layer(x, mask, past, layer, config, dims, plan, variable_dtype, group_size,
+           group_routing):
+    """Layer `layer`: x [B, T, D] -> (x, present, kv, (aux loss, RouterStats) or None)."""
+    if layer < config.num_switch_layers:
+        def ffn(x):
             with tf.variable_scope(f"model/moe{layer}"):
-                y, loss, layer_stats = switch_ffn(x, config, train, variable_dtype,
-                                                  local_experts=one_slice if train
-                                                  else unsplit_model,
-                                                  group_size=routing_group_size,
-                                                  group_routing=None if group_routing is None
-                                                  else group_routing[layer])
-            aux_loss += loss
-            stats.append(layer_stats)
-        else:
+                y, loss, stats = switch_ffn(x, config, plan, variable_dtype,
+                                            group_size=group_size,
+                                            group_routing=None if group_routing is None
+                                            else group_routing[layer])
+            return y, (loss, stats)
+    else:
+        def ffn(x):
             with tf.variable_scope(f"model/mlp{layer}"):
-                y = _ext_mlp(x, dims, variable_dtype, not train or one_slice, train)
-        with tf.variable_scope(f"model/ln{layer}"):
-            x += layer_norm(y, dims.d, variable_dtype)
-        hidden_states.append(x)
+                return _ext_mlp(x, dims, variable_dtype, plan.products), None
 
-    with tf.variable_scope("model"):
-        logits = _head(x, wte, dims, variable_dtype, train, one_slice)
-    return ModelOutput(logits=logits, hidden_states=hidden_states, aux_loss=aux_loss,
-                       router_stats=stats, presents=presents, new_keys_values=new_kv)
+        if plan.recompute_ext_layers:  # memory: keep only the layer's input
+            def block(x_, mask_, *past_):
+                return _block(x_, mask_, tuple(past_) or None, layer, dims, plan,
+                              variable_dtype, ffn)[0]
+
+            return mtf.recompute_grad(block, [x, mask] + list(past or ())), None, None, None
+    return _block(x, mask, past, layer, dims, plan, variable_dtype, ffn)
 
 
-def _ext_block(x, mask, past, layer, dims, memory_dim, variable_dtype, one_slice):
-    """One extra dense layer in training (attention + MLP, residuals): x [B, T, D] -> same."""
+def _block(x, mask, past, layer, dims, plan, variable_dtype, ffn):
+    """x + LN_an(attention(x)), then + LN_ln(y) for (y, extra) = ffn(x): x [B, T, D] ->
+    (x, present, kv, extra)."""
     with tf.variable_scope(f"model/att{layer}"):
-        attended, _, _ = _attention(x, mask, dims, memory_dim, past, variable_dtype, True,
-                                    False, one_slice)
+        attended, present, kv = _attention(x, mask, dims, past, variable_dtype, plan)
     with tf.variable_scope(f"model/an{layer}"):
         x += layer_norm(attended, dims.d, variable_dtype)
-    with tf.variable_scope(f"model/mlp{layer}"):
-        y = _ext_mlp(x, dims, variable_dtype, one_slice, True)
+    y, extra = ffn(x)
     with tf.variable_scope(f"model/ln{layer}"):
-        return x + layer_norm(y, dims.d, variable_dtype)
+        x += layer_norm(y, dims.d, variable_dtype)
+    return x, present, kv, extra
 
 
 def _visibility(mesh, batch_dim, length_dim, keys_dim, keys_offset, num_past, num_precontext,
@@ -235,34 +242,6 @@ class _Dims:
                                           config.num_layers * 2 * config.num_hidden)
 
 
-def _gather_rows(table, indices, output_shape, one_slice=False):
-    """table[indices] with tf.gather per slice (the table's first dim must not be split).
-
-    The gradient w.r.t. the table is the one-hot einsum (what `mtf.gather` computes forward;
-    mtf sums it over split batch slices), or on a one-slice mesh a segment sum, which skips
-    the [tokens, rows] one-hot product (2048 x 36k x d multiply-adds for a small batch).
-    """
-    row_dim = table.shape.dims[0]
-    output_shape = mtf.Shape(output_shape)
-
-    def gradient(op, dy):
-        if one_slice:
-            def segment_sum(ids, grad):  # [...], [..., d] -> [rows, d]
-                return tf.math.unsorted_segment_sum(grad, ids, row_dim.size)
-
-            return [mtf.slicewise(segment_sum, [op.inputs[1], dy],
-                                  output_shape=op.inputs[0].shape, output_dtype=dy.dtype,
-                                  splittable_dims=dy.shape.dims, grad_function=0,
-                                  name="gather_rows_grad"), None]
-        onehot = mtf.one_hot(op.inputs[1], row_dim, dtype=dy.dtype)
-        return [mtf.einsum([onehot, dy], output_shape=op.inputs[0].shape), None]
-
-    return mtf.slicewise(lambda rows, ids: tf.gather(rows, ids), [table, indices],
-                         output_shape=output_shape, output_dtype=table.dtype,
-                         splittable_dims=output_shape.dims, grad_function=gradient,
-                         name="gather_rows")
-
-
 def layer_norm(x, dim, variable_dtype):
     """LayerNorm over `dim` (eps 1e-5, biased variance, statistics in float32); vars g, b."""
     g = mtf.get_variable(x.mesh, "g", [dim], dtype=variable_dtype,
@@ -276,8 +255,7 @@ def layer_norm(x, dim, variable_dtype):
     return mtf.cast(normed, x.dtype) * g + b
 
 
-def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_model,
-               one_slice):
+def _attention(x, mask, dims, past, variable_dtype, plan):
     """Multi-head attention (qkv and o without bias; scores scaled by head_dim^-0.5).
 
     x: [B, T, D]. Without a cache: mask [B?, T, M] (1 visible / 0), past None or the spout's
@@ -292,10 +270,9 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
                              initializer=normal_initializer(PROJECTION_STDDEV))
     w_o = mtf.get_variable(mesh, "o/kernel", [dims.heads, dims.head_dim, dims.d],
                            dtype=variable_dtype, initializer=normal_initializer(PROJECTION_STDDEV))
-    # One matmul in natural order, then split the activations: q, k, v [B, T, H, K].
-    # Per-slice matmuls (layers.dense): in inference, and on one-slice meshes in training.
-    qkv = dense(x, w_qkv, [dims.batch, dims.length, dims.qkv, dims.heads, dims.head_dim],
-                fused=not train or one_slice, differentiable=train)
+    # One product in natural order, then split the activations: q, k, v [B, T, H, K].
+    qkv = plan.products.dense(x, w_qkv,
+                              [dims.batch, dims.length, dims.qkv, dims.heads, dims.head_dim])
     q, k, v = mtf.unstack(qkv, dims.qkv)
     q *= dims.head_dim.size ** -0.5
     bthk = [dims.batch, dims.length, dims.heads, dims.head_dim]
@@ -308,91 +285,11 @@ def _attention(x, mask, dims, memory_dim, past, variable_dtype, train, unsplit_m
         if past is not None:
             keys = mtf.concat([past[0], keys], meshlib.MEMORY)
             values = mtf.concat([past[1], values], meshlib.MEMORY)
-        if train:  # the [B, H, T, M] probabilities are recomputed in the backward pass
-            context = _recomputed_attention(q, keys, values, mask, bthk)
-        else:
-            scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.length, memory_dim])
-            weights = _masked_softmax(scores, mask)
-            context = mtf.einsum([weights, values], bthk)
+        context = plan.attention(q, keys, values, mask, bthk)
         presents = (keys, values)
-    # The heads are contracted here: one matmul per slice only when they are not split.
-    output = dense(context, w_o, [dims.batch, dims.length, dims.d],
-                   fused=one_slice if train else unsplit_model, differentiable=train)
+    # The heads are contracted here (an einsum when the layout may split them).
+    output = plan.products.dense(context, w_o, [dims.batch, dims.length, dims.d])
     return output, presents, (k, v)
-
-
-def _masked_softmax(scores, mask):
-    """softmax(s * m - (1 - m) * 1e4) over the last (memory) dim in one TF kernel.
-
-    scores [B, H, T, M]; mask [B, T, M] or [T, M] (1 visible / 0). The gradient reuses the
-    softmax: ds = (dp - sum(dp * p)) * p * m. Splits over every dim but memory.
-    """
-    broadcast = _broadcast_mask
-
-    def run(s, m):
-        m = broadcast(m)
-        return tf.nn.softmax(s * m + (m - 1.0) * -MASKED_SCORE)
-
-    splittable = [d for d in scores.shape.dims if d.name != meshlib.MEMORY]
-
-    def gradient(op, dy):
-        def backward(p, m, dp):
-            return (dp - tf.reduce_sum(dp * p, -1, keepdims=True)) * p * broadcast(m)
-
-        return [mtf.slicewise(backward, [op.outputs[0], op.inputs[1], dy],
-                              output_shape=scores.shape, output_dtype=scores.dtype,
-                              splittable_dims=splittable, grad_function=0,
-                              name="masked_softmax_grad"), None]
-
-    return mtf.slicewise(run, [scores, mask], output_shape=scores.shape,
-                         output_dtype=scores.dtype, splittable_dims=splittable,
-                         grad_function=gradient, name="masked_softmax")
-
-
-def _broadcast_mask(m):
-    """[B, T, M] or [T, M] (1 visible / 0) -> [B or 1, 1, T, M]: broadcast over heads."""
-    return m[:, None] if m.shape.ndims == 3 else m[None, None]
-
-
-def _attention_probabilities(q, k, m):
-    """Per slice: q [B, T, H, K], k [B, M, H, K], mask -> masked softmax [B, H, T, M]."""
-    m = _broadcast_mask(m)
-    return tf.nn.softmax(tf.einsum("bthk,bmhk->bhtm", q, k) * m + (m - 1.0) * -MASKED_SCORE)
-
-
-def _recomputed_attention(q, keys, values, mask, bthk):
-    """softmax(q . keys, masked) . values -> [B, T, H, K], keeping no [B, H, T, M] tensor.
-
-    Training: the backward pass recomputes the probabilities p from q and keys instead of
-    holding them from the forward pass (they are the largest activations of a layer: heads x
-    T x M, 105 MB per layer at 1280 positions and 16 heads). Gradients, per slice:
-    dp = dy . v, dv = p^T . dy, ds = (dp - sum(dp * p)) * p * m, dq = ds . k, dk = ds^T . q.
-    q [B, T, H, K], keys/values [B, M, H, K], mask [B, T, M] or [T, M].
-    """
-    splittable = [d for d in q.shape.dims if d.name != meshlib.HEAD_DIM]  # not K, M
-
-    def forward(q_, k_, v_, m_):
-        return tf.einsum("bhtm,bmhk->bthk", _attention_probabilities(q_, k_, m_), v_)
-
-    def gradient(op, dy):
-        def backward(q_, k_, v_, m_, dy_):
-            with tf.control_dependencies([dy_]):  # not before the backward pass reaches here
-                p = _attention_probabilities(q_, k_, m_)  # [B, H, T, M]
-            dp = tf.einsum("bthk,bmhk->bhtm", dy_, v_)
-            ds = (dp - tf.reduce_sum(dp * p, -1, keepdims=True)) * p * _broadcast_mask(m_)
-            return (tf.einsum("bhtm,bmhk->bthk", ds, k_), tf.einsum("bhtm,bthk->bmhk", ds, q_),
-                    tf.einsum("bhtm,bthk->bmhk", p, dy_))
-
-        dq, dk, dv = mtf.slicewise(
-            backward, list(op.inputs) + [dy],
-            output_shape=[op.inputs[0].shape, op.inputs[1].shape, op.inputs[2].shape],
-            output_dtype=[op.inputs[0].dtype] * 3, splittable_dims=splittable, grad_function=0,
-            name="recomputed_attention_grad")
-        return [dq, dk, dv, mtf.zeros_like(op.inputs[3])]  # recompute_grad wants all four
-
-    return mtf.slicewise(forward, [q, keys, values, mask], output_shape=mtf.Shape(bthk),
-                         output_dtype=q.dtype, splittable_dims=splittable,
-                         grad_function=gradient, name="recomputed_attention")
 
 
 def _cached_context(q, k, v, past, new_mask, dims):
@@ -453,7 +350,7 @@ def _one_query_attention(q, k, v, keys, values):
     return context[None, None]
 
 
-def _ext_mlp(x, dims, variable_dtype, fused, differentiable):
+def _ext_mlp(x, dims, variable_dtype, products):
     """Extra dense layer FFN: swish(x . p1 + b1) . p2 + b2."""
     mesh = x.mesh
     p1 = mtf.get_variable(mesh, "p1/kernel", [dims.d, dims.ext_hidden], dtype=variable_dtype,
@@ -464,19 +361,12 @@ def _ext_mlp(x, dims, variable_dtype, fused, differentiable):
                           initializer=normal_initializer(PROJECTION_STDDEV))
     b2 = mtf.get_variable(mesh, "p2/bias", [dims.d], dtype=variable_dtype,
                           initializer=tf.zeros_initializer())
-    h = mtf.swish(dense(x, p1, [dims.batch, dims.length, dims.ext_hidden], fused,
-                        differentiable) + b1)
-    return dense(h, p2, [dims.batch, dims.length, dims.d], fused, differentiable) + b2
+    h = mtf.swish(products.dense(x, p1, [dims.batch, dims.length, dims.ext_hidden]) + b1)
+    return products.dense(h, p2, [dims.batch, dims.length, dims.d]) + b2
 
 
-def _head(x, wte, dims, variable_dtype, train, one_slice=False):
-    """Tied LM head: swish(x . dense + bias) . wte^T + wob -> float32 [B, T, V].
-
-    Inference, and training on one-slice meshes, use one matmul + bias_add per slice
-    (vocab is never split; the training gradient is two matmuls, no transposed copy of the
-    [tokens, vocab] gradient); other training meshes keep the mtf einsum (whose gradient
-    mtf reduces across the mesh).
-    """
+def _head(x, wte, dims, variable_dtype, products):
+    """Tied LM head: swish(x . dense + bias) . wte^T + wob -> float32 [B, T, V]."""
     mesh = x.mesh
     kernel = mtf.get_variable(mesh, "dense/kernel", [dims.d, dims.d_out], dtype=variable_dtype,
                               initializer=normal_initializer(PROJECTION_STDDEV))
@@ -484,38 +374,10 @@ def _head(x, wte, dims, variable_dtype, train, one_slice=False):
                             initializer=tf.zeros_initializer())
     wob = mtf.get_variable(mesh, "wob", [dims.vocab], dtype=variable_dtype,
                            initializer=tf.zeros_initializer())
-    fused = not train or one_slice
-    z = mtf.swish(dense(x, kernel, [dims.batch, dims.length, dims.d_out], fused,
-                        differentiable=train) + bias)
+    z = mtf.swish(products.dense(x, kernel, [dims.batch, dims.length, dims.d_out]) + bias)
     z = mtf.rename_dimension(z, meshlib.D_MODEL_OUT, meshlib.D_MODEL)
-    if not fused:
-        return mtf.cast(mtf.einsum([z, wte], [dims.batch, dims.length, dims.vocab]) + wob,
-                        tf.float32)
-    splittable = [dims.batch, dims.length]
-
-    def tied_projection(hidden, table, bias):  # [b, t, d], [V, d], [V] -> [b, t, V]
-        flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
-        out = tf.nn.bias_add(tf.matmul(flat, table, transpose_b=True), bias)
-        return tf.reshape(out, hidden.shape[:-1].concatenate(table.shape[:1]))
-
-    def gradient(op, dy):
-        def backward(hidden, table, dy):  # -> d hidden [b, t, d], d table [V, d], d bias [V]
-            flat, dy2 = tf.reshape(hidden, [-1, hidden.shape[-1]]), tf.reshape(
-                dy, [-1, dy.shape[-1]])
-            return (tf.reshape(tf.matmul(dy2, table), hidden.shape),
-                    tf.matmul(dy2, flat, transpose_a=True), tf.reduce_sum(dy2, 0))
-
-        z_, table, bias = op.inputs
-        return mtf.slicewise(backward, [z_, table, dy],
-                             output_shape=[z_.shape, table.shape, bias.shape],
-                             output_dtype=[z_.dtype, table.dtype, bias.dtype],
-                             splittable_dims=splittable, grad_function=0, name="tied_grad")
-
-    logits = mtf.slicewise(tied_projection, [z, wte, wob],
-                           output_shape=[dims.batch, dims.length, dims.vocab],
-                           output_dtype=z.dtype, splittable_dims=splittable,
-                           grad_function=gradient if train else 0, name="tied_projection")
-    return mtf.cast(logits, tf.float32)
+    return mtf.cast(products.tied_logits(z, wte, wob, [dims.batch, dims.length, dims.vocab]),
+                    tf.float32)
 
 
 def _spout_projection(mesh, config, dims, spout, variable_dtype, active):

@@ -10,6 +10,7 @@ from gptsan import mesh as meshlib
 from gptsan.compat import mtf, tf
 from gptsan.config import GPTSANConfig, ModelConfig
 from gptsan.modeling import KVCache, build_model
+from gptsan.plan import INFER, TRAIN, execution_plan
 from gptsan.switch import expert_capacity, split_into_groups, switch_ffn
 from gptsan.variables import count_parameters, variable_shapes
 
@@ -108,8 +109,8 @@ def _run_switch(batch, length, train, zero_router=False, seed=0, local_experts=F
                 mtf.Dimension(meshlib.D_MODEL, 8)]
         x = mtf.import_tf_tensor(mesh, tf.constant(x_np), dims)
         with tf.variable_scope("moe0"):
-            y, aux, stats = switch_ffn(x, config, train, meshlib.dtype_policy("float32"),
-                                       local_experts=local_experts)
+            plan = execution_plan("" if local_experts else None, TRAIN if train else INFER)
+            y, aux, stats = switch_ffn(x, config, plan, meshlib.dtype_policy("float32"))
         lowering = mtf.Lowering(mtf_graph, {mesh: meshlib.make_mesh_impl("", devices=[""])})
         fetches = [lowering.export_to_tf_tensor(t)
                    for t in (y, aux, stats.expert_index, stats.kept)]
@@ -166,7 +167,7 @@ def test_gradients_reach_every_variable_and_the_gather_rows():
                                    [batch, length])
         spout = mtf.import_tf_tensor(mesh, tf.ones([2, 4]),
                                      [batch, mtf.Dimension(meshlib.SPOUT, 4)])
-        output = build_model(config, mesh, ids, spout=spout, train=True)
+        output = build_model(config, mesh, ids, spout=spout, plan=execution_plan(None, TRAIN))
         loss = mtf.reduce_mean(mtf.square(output.logits)) + output.aux_loss
         variables = mtf_graph.trainable_variables
         grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
@@ -197,8 +198,8 @@ def _training_gradients(config, ids, one_slice, recompute_ext_layers=False):
                          mtf.Dimension(meshlib.LENGTH, ids.shape[1]))
         output = build_model(config, mesh, mtf.import_tf_tensor(mesh, tf.constant(ids),
                                                                 [batch, length]),
-                             train=True, one_slice=one_slice,
-                             recompute_ext_layers=recompute_ext_layers)
+                             plan=execution_plan("" if one_slice else None, TRAIN,
+                                                 recompute_ext_layers=recompute_ext_layers))
         coefficients = np.random.default_rng(1).normal(size=output.logits.shape.to_integer_list)
         loss = mtf.reduce_sum(output.logits * mtf.import_tf_tensor(
             mesh, tf.constant(coefficients, tf.float32), output.logits.shape)) + output.aux_loss
@@ -265,7 +266,7 @@ def test_fused_cross_entropy_matches_mtf():
 
 
 def test_masked_softmax_gradient_matches_mtf_softmax():
-    from gptsan.modeling import MASKED_SCORE, _masked_softmax
+    from gptsan.attention import MASKED_SCORE, masked_softmax as _masked_softmax
 
     rng = np.random.default_rng(0)
     scores_np = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)  # [B, H, T, M]
@@ -384,7 +385,8 @@ def test_switch_eval_overflow(local_experts):
 def test_recomputed_attention_matches_autodiff_of_stored_probabilities(mesh_shape):
     """Training attention (probabilities recomputed in the backward pass) gives the outputs and
     the q/k/v gradients of the plain einsum + masked softmax formulation, heads split or not."""
-    from gptsan.modeling import _masked_softmax, _recomputed_attention
+    from gptsan.attention import masked_softmax as _masked_softmax
+    from gptsan.attention import recomputed_attention as _recomputed_attention
 
     rng = np.random.default_rng(0)
     b, t, m, h, k = 2, 3, 4, 2, 5
