@@ -138,8 +138,7 @@ def main(argv=None):
     stream = None
     if settings.rows == 1 and not args.quiet:
         stream = StreamPrinter(encoder, sys.stdout, markers, settings.num_generate)
-    with gen.open_predictor(args.model, batch_size=settings.rows,
-                            mesh_shape=args.mesh_shape) as predictor:
+    with gen.open_predictor(args.model, mesh_shape=args.mesh_shape) as predictor:
         results = gen.generate(predictor, prompt, special, settings, on_token=stream,
                                progress=stream is None and not args.quiet)
     texts = [encoder.decode(r.tokens) for r in results]

@@ -67,7 +67,7 @@ def main(argv=None):
                           "; shorten the context")
     pos = fm.resolve_position(args.pos_vector, len(input_tokens))
     precontext = fm.num_precontext(len(input_tokens), spout_slots, bidirectional, args.fill_mode)
-    with gen.open_predictor(args.model, batch_size=1, mesh_shape=args.mesh_shape) as predictor:
+    with gen.open_predictor(args.model, mesh_shape=args.mesh_shape) as predictor:
         result = fm.fill_mask(predictor, special, input_tokens, precontext, spout, args.fill_mode)
     vector = result.vectors[pos]  # [layers, d]
     text = encoder.decode(result.output_tokens)

@@ -57,8 +57,8 @@ LIST_HEAD_CHARS = 4096  # an input file is a list/CSV if its first line (this lo
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
-    """Control ids and the token sets the LM rewrite needs (published make_tfrecord.py
-    constants); shared by the example builder and generation."""
+    """Control ids and the token sets the LM rewrite needs (the constants of the published
+    tools/make_tfrecord_simple.py); shared by the example builder and generation."""
     sot: int
     msk: int
     sep: int
@@ -247,8 +247,32 @@ class ExampleBuilder:
             examples.extend(self._document_examples(d, doc, class_id))
         return examples
 
+    def _draw_parts(self, doc_index, doc, line_ends, cursor, item_at):
+        """The random choices of one example starting at raw index `cursor`: (next sentence
+        tokens ending in SEP or [], its label or None, the cursor after it, prefix length)."""
+        opt, sp, rng, ctx = self.options, self.special, self.rng, self.options.num_context
+        hybrid_lm = opt.mode == "hybrid" and rng.random() >= opt.hybrid_rate
+        nextsent, label = [], None
+        if (opt.use_nextsent and opt.mode != "lm" and not hybrid_lm
+                and rng.random() < opt.nextsent_rate):
+            nextsent, label, cursor = self._next_sentence(doc_index, doc, line_ends, cursor)
+        if nextsent:
+            nextsent = list(nextsent[:ctx // 2 - 1]) + [sp.sep]
+        rest = len(doc.tokens) - cursor
+        limit = ctx - len(nextsent) - 3
+        if opt.mode == "lm" or hybrid_lm:
+            prefix_len = 0
+        elif opt.mode == "mlm":
+            prefix_len = min(limit, rest)
+        else:
+            prefix_len = int(rng.integers(0, min(limit, rest) + 1))
+        while item_at[cursor + prefix_len] < 0:  # never cut a BAG run in two
+            prefix_len -= 1
+        return nextsent, label, cursor, prefix_len
+
     def _document_examples(self, doc_index, doc, class_id):
-        opt, sp, rng = self.options, self.special, self.rng
+        """The examples of one document, in order (docs/ARCHITECTURE.md "Training data")."""
+        opt, sp = self.options, self.special
         ctx = opt.num_context
         raw = doc.tokens  # [n]
         fed, target, item_start = lm_transform(raw, sp)  # [items]
@@ -260,23 +284,8 @@ class ExampleBuilder:
         line_ends = np.array(doc.line_starts[1:] + [len(raw)], dtype=np.int64)
         cursor = 0
         while cursor < len(raw):
-            hybrid_lm = opt.mode == "hybrid" and rng.random() >= opt.hybrid_rate
-            nextsent, label = [], None
-            if (opt.use_nextsent and opt.mode != "lm" and not hybrid_lm
-                    and rng.random() < opt.nextsent_rate):
-                nextsent, label, cursor = self._next_sentence(doc_index, doc, line_ends, cursor)
-            if nextsent:
-                nextsent = list(nextsent[:ctx // 2 - 1]) + [sp.sep]
-            rest = len(raw) - cursor
-            limit = ctx - len(nextsent) - 3
-            if opt.mode == "lm" or hybrid_lm:
-                prefix_len = 0
-            elif opt.mode == "mlm":
-                prefix_len = min(limit, rest)
-            else:
-                prefix_len = int(rng.integers(0, min(limit, rest) + 1))
-            while item_at[cursor + prefix_len] < 0:  # never cut a BAG run in two
-                prefix_len -= 1
+            nextsent, label, cursor, prefix_len = self._draw_parts(doc_index, doc, line_ends,
+                                                                   cursor, item_at)
             prefix = raw[cursor:cursor + prefix_len]
             cursor += prefix_len
             num_input = 1 + len(nextsent) + prefix_len

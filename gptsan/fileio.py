@@ -149,13 +149,6 @@ def write_json_atomic(path, data, indent=None, ascii_only=False):
     write_text_atomic(path, text + "\n")
 
 
-def print_report(report, path=None):
-    """Prints a benchmark's JSON report and, with `path`, also writes it there (atomic)."""
-    print(json.dumps(report, indent=2, ensure_ascii=False))
-    if path:
-        write_json_atomic(path, report, indent=2)
-
-
 def save_npy_atomic(path, array):
     """np.save via a temp file + rename: never leaves a partial file."""
     import numpy as np

@@ -437,11 +437,11 @@ def open_model_files(model_dir, vocabulary=None, emoji=None):
     return encoder, config
 
 
-def open_predictor(model_dir, batch_size=1, mesh_shape=None):
+def open_predictor(model_dir, mesh_shape=None):
     """The Predictor (graph + restored weights) of a model directory."""
     from gptsan.inference import Predictor
 
-    return Predictor(model_dir, mesh_shape=mesh_shape, batch_size=batch_size)
+    return Predictor(model_dir, mesh_shape=mesh_shape)
 
 
 def _require(condition, message):

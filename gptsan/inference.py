@@ -13,7 +13,7 @@ import collections
 
 import numpy as np
 
-from gptsan import fileio, tensorio
+from gptsan import fileio, fingerprint, tensorio
 from gptsan import mesh as meshlib
 from gptsan.compat import config_pb2, mtf, session_config, tf
 from gptsan.config import PARAMETERS_FILE, GPTSANConfig
@@ -30,15 +30,14 @@ class Predictor:
     Args:
       model_dir: directory with `parameters.json` and a TF checkpoint.
       mesh_shape: e.g. "batch:1,model:2" (default 1x1); the checkpoint may come from any mesh.
-      batch_size: optional hint; programs are built per input shape on demand (the batch is
-        static in each program; a new batch size builds new programs, no padding).
       dtype: activation dtype, float32 | bfloat16 | float16.
-      threads: intra/inter-op threads of the session (None: TensorFlow's default).
       devices: optional explicit device names (one per mesh position).
+    Programs are built per input shape on demand (the batch is static in each program; a new
+    batch size builds new programs, no padding). A vocabulary copy in the directory must be
+    the one its parameters.json records (gptsan.fingerprint).
     """
 
-    def __init__(self, model_dir, mesh_shape=None, batch_size=None, dtype="float32",
-                 threads=None, devices=None):
+    def __init__(self, model_dir, mesh_shape=None, dtype="float32", devices=None):
         self.model_dir = model_dir
         self.config = _load_config(model_dir)
         self.model_config = self.config.model
@@ -50,16 +49,12 @@ class Predictor:
         if devices is None:
             devices = meshlib.cpu_devices_for(self.mesh_shape)
         self._mesh_impl = meshlib.make_mesh_impl(self.mesh_shape, devices=devices)
-        self.batch_size = batch_size
         self.max_length = self.model_config.num_contexts
-        self.encoder = _load_encoder(model_dir, self.config)
+        fingerprint.model_vocabulary(model_dir, self.config, required=False)
 
         self._graph = tf.Graph()
-        config = session_config(meshlib.mesh_size(self.mesh_shape))
-        if threads:
-            config.intra_op_parallelism_threads = threads
-            config.inter_op_parallelism_threads = threads
-        self._session = tf.Session(graph=self._graph, config=config)
+        self._session = tf.Session(graph=self._graph,
+                                   config=session_config(meshlib.mesh_size(self.mesh_shape)))
         self._restored = False
         self._programs = collections.OrderedDict()
         self._caches = {}  # batch -> _Cache
@@ -336,100 +331,31 @@ class _Program:
 
     kind: "forward" (no cache), "prefill" (writes the cache's first slots) or "step"
     (one token at a fed cache position); group_size: Switch routing group size override.
+    Feeds, in order: ids [b, s], num_precontext [b], then spout [b, num_spout] (if `spout`),
+    and for a step its cache position and the `switch.GroupRouting` inputs.
     """
 
     def __init__(self, predictor, batch, length, spout, kind, group_size=None):
-        config = predictor.model_config
-        self.kind = kind
         cache = predictor._cache_for(batch) if kind != "forward" else None
-        graph = predictor._graph
-        with graph.as_default(), tf.variable_scope(tf.get_variable_scope(),
-                                                   reuse=tf.AUTO_REUSE):
-            mtf_graph = mtf.Graph()
-            mesh = mtf.Mesh(mtf_graph, "gptsan")
-            batch_dim = mtf.Dimension(meshlib.BATCH, batch)
-            length_dim = mtf.Dimension(meshlib.LENGTH, length)
-            self.ids = tf.placeholder(tf.int32, [batch, length], name="input_ids")
-            self.precontext = tf.placeholder(tf.int32, [batch], name="num_precontext")
-            feeds = [self.ids, self.precontext]
-            spout_tensor = None
-            if spout:
-                self.spout = tf.placeholder(tf.float32, [batch, config.num_spout], name="spout")
-                feeds.append(self.spout)
-                spout_tensor = mtf.import_tf_tensor(
-                    mesh, self.spout, [batch_dim, mtf.Dimension(meshlib.SPOUT, config.num_spout)])
-            past = group_routing = None
-            if kind == "step":
-                self.position = tf.placeholder(tf.int32, [], name="cache_position")
-                feeds.append(self.position)
-                memory = mtf.Dimension(meshlib.MEMORY, config.num_contexts)
-                kv_shape = [memory, batch_dim, mtf.Dimension(meshlib.HEADS, config.num_header),
-                            mtf.Dimension(meshlib.HEAD_DIM, config.head_dim)]
-                dtype = predictor.variable_dtype.activation_dtype
-                past = KVCache(
-                    keys=[mtf.cast(mtf.import_tf_tensor(mesh, k, kv_shape), dtype)
-                          for k in cache.keys],
-                    values=[mtf.cast(mtf.import_tf_tensor(mesh, v, kv_shape), dtype)
-                            for v in cache.values],
-                    length=mtf.import_tf_tensor(mesh, self.position))
-                group_routing = self._group_routing(mesh, config, feeds)
+        with predictor._graph.as_default(), tf.variable_scope(tf.get_variable_scope(),
+                                                              reuse=tf.AUTO_REUSE):
+            mesh = mtf.Mesh(mtf.Graph(), "gptsan")
+            inputs = _ProgramInputs(mesh, predictor.model_config, batch, length, spout)
+            past, group_routing = (inputs.cache_step(cache, predictor.variable_dtype)
+                                   if kind == "step" else (None, None))
             output = build_model(
-                config, mesh,
-                mtf.import_tf_tensor(mesh, self.ids, [batch_dim, length_dim]),
-                num_precontext=mtf.import_tf_tensor(mesh, self.precontext, [batch_dim]),
-                spout=spout_tensor, train=False, variable_dtype=predictor.variable_dtype,
+                predictor.model_config, mesh, inputs.ids, num_precontext=inputs.precontext,
+                spout=inputs.spout, train=False, variable_dtype=predictor.variable_dtype,
                 past=past, unsplit_model=meshlib.model_parallel_size(predictor.mesh_shape) == 1,
-                routing_group_size=group_size,
-                group_routing=group_routing)
-            lowering = mtf.Lowering(mtf_graph, {mesh: predictor._mesh_impl})
-            export = lowering.export_to_tf_tensor
-            # Per-layer outputs are one fetch each ([layers, b, s, ...]), split in NumPy.
-            fetches = {"logits": export(output.logits),
-                       "hidden_states": tf.stack([tf.cast(export(h), tf.float32)
-                                                  for h in output.hidden_states])}
-            if output.router_stats:
-                fetches["expert_index"] = tf.stack([export(s.expert_index)
-                                                    for s in output.router_stats])
-                fetches["expert_kept"] = tf.stack([tf.cast(export(s.kept), tf.bool)
-                                                   for s in output.router_stats])
-            updates = []
-            if kind == "prefill":
-                for layer, present in enumerate(output.presents):
-                    for var, tensor in zip((cache.keys[layer], cache.values[layer]), present):
-                        slots = tensor.shape.get_dim_by_name(meshlib.MEMORY).size
-                        updates.append(var[:slots].assign(
-                            _export_ordered(lowering, tensor, _CACHE_ORDER)))
-            elif kind == "step":
-                for layer, new_kv in enumerate(output.new_keys_values):
-                    for var, tensor in zip((cache.keys[layer], cache.values[layer]), new_kv):
-                        begin = self.position
-                        updates.append(var[begin:begin + 1].assign(
-                            _export_ordered(lowering, tensor, _CACHE_ORDER)))
-            self._names = list(fetches)
-            fetch_list = [fetches[name] for name in self._names]
-            # A step's write may land while its own cache read runs: harmless, the
-            # attention only uses cache slots < position (its own key comes separately).
-            targets = [tf.group(updates)] if updates else []
+                routing_group_size=group_size, group_routing=group_routing)
+            lowering = mtf.Lowering(mesh.graph, {mesh: predictor._mesh_impl})
+            fetches = _fetches(lowering, output)
+            updates = _cache_updates(lowering, output, cache, kind, inputs.position)
             predictor._restore(lowering)
-        self.fetch_list, self.targets, self.feed_list = fetch_list, targets, feeds
-        self._run = _callable(predictor._session, fetch_list, targets, feeds)
-        self._has_spout = spout
-        self._has_routing = group_routing is not None
-
-    @staticmethod
-    def _group_routing(mesh, config, feeds):
-        """Step placeholders for `switch.GroupRouting`: per Switch layer, the expert counts
-        of the group's earlier tokens ([n_switch, experts] float32) and the capacity."""
-        if not config.num_switch_layers:
-            return None
-        offsets = tf.placeholder(tf.float32, [config.num_switch_layers, config.num_experts],
-                                 name="expert_offsets")
-        capacity = tf.placeholder(tf.float32, [], name="expert_capacity")
-        feeds += [offsets, capacity]
-        experts = mtf.Dimension(meshlib.EXPERTS, config.num_experts)
-        capacity = mtf.import_tf_tensor(mesh, capacity)
-        return [GroupRouting(mtf.import_tf_tensor(mesh, offsets[layer], [experts]), capacity)
-                for layer in range(config.num_switch_layers)]
+        self._names = list(fetches)
+        self._run = _callable(predictor._session, [fetches[n] for n in self._names], updates,
+                              inputs.feeds)
+        self._has_spout, self._has_routing = spout, group_routing is not None
 
     def run(self, ids, precontext, spout, position=None, routing=None):
         args = [ids, precontext]
@@ -444,6 +370,93 @@ class _Program:
             if name in result:
                 result[name] = list(result[name])
         return result
+
+
+class _ProgramInputs:
+    """The placeholders of a program (`feeds`, in feed order) and their mtf imports."""
+
+    def __init__(self, mesh, config, batch, length, spout):
+        self.mesh, self.config = mesh, config
+        self.batch_dim = mtf.Dimension(meshlib.BATCH, batch)
+        ids = tf.placeholder(tf.int32, [batch, length], name="input_ids")
+        precontext = tf.placeholder(tf.int32, [batch], name="num_precontext")
+        self.feeds = [ids, precontext]
+        self.ids = mtf.import_tf_tensor(
+            mesh, ids, [self.batch_dim, mtf.Dimension(meshlib.LENGTH, length)])
+        self.precontext = mtf.import_tf_tensor(mesh, precontext, [self.batch_dim])
+        self.spout = self.position = None
+        if spout:
+            vectors = tf.placeholder(tf.float32, [batch, config.num_spout], name="spout")
+            self.feeds.append(vectors)
+            self.spout = mtf.import_tf_tensor(
+                mesh, vectors, [self.batch_dim, mtf.Dimension(meshlib.SPOUT, config.num_spout)])
+
+    def cache_step(self, cache, variable_dtype):
+        """(KVCache over `cache` at a fed position, GroupRouting per Switch layer or None)."""
+        config, mesh = self.config, self.mesh
+        self.position = tf.placeholder(tf.int32, [], name="cache_position")
+        self.feeds.append(self.position)
+        kv_shape = [mtf.Dimension(meshlib.MEMORY, config.num_contexts), self.batch_dim,
+                    mtf.Dimension(meshlib.HEADS, config.num_header),
+                    mtf.Dimension(meshlib.HEAD_DIM, config.head_dim)]
+        dtype = variable_dtype.activation_dtype
+
+        def imported(variables):
+            return [mtf.cast(mtf.import_tf_tensor(mesh, v, kv_shape), dtype) for v in variables]
+
+        past = KVCache(keys=imported(cache.keys), values=imported(cache.values),
+                       length=mtf.import_tf_tensor(mesh, self.position))
+        return past, self._group_routing()
+
+    def _group_routing(self):
+        """Per Switch layer: the expert counts of the group's earlier tokens ([n_switch,
+        experts] float32, fed) and the group's capacity (fed scalar)."""
+        config, mesh = self.config, self.mesh
+        if not config.num_switch_layers:
+            return None
+        offsets = tf.placeholder(tf.float32, [config.num_switch_layers, config.num_experts],
+                                 name="expert_offsets")
+        capacity = tf.placeholder(tf.float32, [], name="expert_capacity")
+        self.feeds += [offsets, capacity]
+        experts = mtf.Dimension(meshlib.EXPERTS, config.num_experts)
+        capacity = mtf.import_tf_tensor(mesh, capacity)
+        return [GroupRouting(mtf.import_tf_tensor(mesh, offsets[layer], [experts]), capacity)
+                for layer in range(config.num_switch_layers)]
+
+
+def _fetches(lowering, output):
+    """{name: tf.Tensor}: logits, and per-layer outputs stacked ([layers, b, s, ...]; split
+    in NumPy after the run)."""
+    export = lowering.export_to_tf_tensor
+    fetches = {"logits": export(output.logits),
+               "hidden_states": tf.stack([tf.cast(export(h), tf.float32)
+                                          for h in output.hidden_states])}
+    if output.router_stats:
+        fetches["expert_index"] = tf.stack([export(s.expert_index) for s in output.router_stats])
+        fetches["expert_kept"] = tf.stack([tf.cast(export(s.kept), tf.bool)
+                                           for s in output.router_stats])
+    return fetches
+
+
+def _cache_updates(lowering, output, cache, kind, position):
+    """The ops writing a prefill's or a step's keys/values into the cache ([] otherwise).
+
+    A step's write may land while its own cache read runs: harmless, the attention only uses
+    cache slots < position (its own key comes separately).
+    """
+    updates = []
+    if kind == "prefill":
+        for layer, present in enumerate(output.presents):
+            for var, tensor in zip((cache.keys[layer], cache.values[layer]), present):
+                slots = tensor.shape.get_dim_by_name(meshlib.MEMORY).size
+                updates.append(var[:slots].assign(
+                    _export_ordered(lowering, tensor, _CACHE_ORDER)))
+    elif kind == "step":
+        for layer, new_kv in enumerate(output.new_keys_values):
+            for var, tensor in zip((cache.keys[layer], cache.values[layer]), new_kv):
+                updates.append(var[position:position + 1].assign(
+                    _export_ordered(lowering, tensor, _CACHE_ORDER)))
+    return [tf.group(updates)] if updates else []
 
 
 def _callable(session, fetches, targets, feeds):
@@ -505,13 +518,3 @@ def _check_checkpoint(prefix, config):
             raise GPTSANError(f"checkpoint variable {name} has shape {list(stored[name])} but "
                               f"{PARAMETERS_FILE} implies {list(shape)}; parameters.json does "
                               "not match the checkpoint")
-
-
-def _load_encoder(model_dir, config):
-    """The model directory's SWEEncoder (checked against its recorded vocabulary fingerprint:
-    gptsan.fingerprint), or None when it has no vocabulary copy."""
-    from gptsan import fingerprint
-    from gptsan.tokenization import SWEEncoder
-
-    files = fingerprint.model_vocabulary(model_dir, config, required=False)
-    return None if files is None else SWEEncoder.from_files(files.vocab, files.emoji)

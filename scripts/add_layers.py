@@ -13,14 +13,12 @@ ignore-params.json copied unchanged (required). `--init fan_in`, `--spout_out ex
 (`run_train.py --init_checkpoint NEW_DIR`) starts a fresh optimizer at step 0.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from gptsan.checkpoint import (ADD_INITS, FROZEN_LISTS, IGNORE_PARAMS_FILE,  # noqa: E402
+from gptsan.checkpoint import (ADD_INITS, FROZEN_LISTS, IGNORE_PARAMS_FILE,
                                SPOUT_OUTS, add_layers_to_model_dir)
-from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
-from gptsan.errors import ArgumentParser, run_cli  # noqa: E402
+from gptsan.tensorio import use_plain_cpu_allocator
+from gptsan.errors import ArgumentParser, run_cli
 
 
 def parse_args(argv):

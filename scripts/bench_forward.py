@@ -9,19 +9,21 @@ latency of the first vs last 32 steps, and the max logit difference as a sanity 
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptsan.config import GPTSANConfig  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.fileio import check_output_path, print_report  # noqa: E402
+from gptsan.config import GPTSANConfig
+from gptsan.errors import GPTSANError, run_cli
+from gptsan.bench import print_report
+from gptsan.fileio import check_output_path
 
 THREADS = 2  # the benchmark machine's cores; both frameworks get the same
+# TensorFlow reads its thread pools' sizes from these when its session config leaves them 0.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(THREADS))
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(THREADS))
 FORWARD_BATCH, FORWARD_LENGTH = 8, 256
 DECODE_TOKENS = 256  # 1 prompt token + 255 cached steps
 LATENCY_WINDOW = 32  # steps compared at the start and the end of the decode
@@ -81,7 +83,7 @@ class Ours:
     def __init__(self, model_dir, forward_ids, decode_ids):
         from gptsan.inference import Predictor
 
-        self.predictor = Predictor(model_dir, threads=THREADS)
+        self.predictor = Predictor(model_dir)
         self.forward_ids, self.decode_ids = forward_ids, decode_ids
         self.forward()  # build + warm up every program
         self.decode_steps(2)

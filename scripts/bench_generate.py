@@ -23,14 +23,14 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan import fileio  # noqa: E402
-from gptsan import generation as gen  # noqa: E402
-from gptsan.data import SpecialTokens  # noqa: E402
-from gptsan.prompts import build_prompt, feed_token  # noqa: E402
-from gptsan.config import GPTSANConfig  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan import fileio
+from gptsan.bench import print_report
+from gptsan import generation as gen
+from gptsan.data import SpecialTokens
+from gptsan.prompts import build_prompt, feed_token
+from gptsan.config import GPTSANConfig
+from gptsan.errors import GPTSANError, run_cli
 
 PROMPT_LENGTH = 8  # SOT SEG + 6 context tokens
 TARGET_VS_HF, TARGET_VS_FULL = 1.0, 5.0  # the brief's speed targets for cached decoding
@@ -94,7 +94,7 @@ def run_engine(args):
         return
     from gptsan.inference import Predictor
 
-    predictor = Predictor(args.model_dir, batch_size=1, threads=args.threads or None)
+    predictor = Predictor(args.model_dir)
     use_cache = args.engine == "cached"
     no_eot = [t for t in range(special.vocab_size) if t != special.eot]
     greedy = dict(decoder="sample", beam_width=1, top_k=1, use_cache=use_cache)
@@ -159,8 +159,11 @@ def _spawn(engine, model_dir, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--model_dir",
            model_dir, "--new_tokens", str(args.new_tokens), "--window", str(args.window),
            "--seed", str(args.seed), "--threads", str(args.threads)]
-    result = subprocess.run(cmd, capture_output=True, text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if args.threads:  # TensorFlow's thread pools (its session config leaves them 0)
+        env.update(TF_NUM_INTRAOP_THREADS=str(args.threads),
+                   TF_NUM_INTEROP_THREADS=str(args.threads))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise GPTSANError(f"{engine} benchmark failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -218,7 +221,7 @@ def main(argv=None):
         # HF neither masks control tokens nor feeds SEP for punctuation, and it drops/passes
         # over-capacity tokens differently: equal tokens are not expected in general.
         report["hf_same_tokens_as_cached"] = tokens["hf"] == tokens["cached"]
-    fileio.print_report(report, args.output)
+    print_report(report, args.output)
     return 0
 
 

@@ -35,13 +35,13 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan import fileio  # noqa: E402
-from gptsan.config import GPTSANConfig  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.memory import gib, run_measured, tensor_bytes  # noqa: E402
-from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
+from gptsan import fileio
+from gptsan.bench import print_report
+from gptsan.config import GPTSANConfig
+from gptsan.errors import GPTSANError, run_cli
+from gptsan.memory import gib, run_measured, tensor_bytes
+from gptsan.tensorio import use_plain_cpu_allocator
 
 STEPS = ("baseline", "random", "to_hf", "from_hf", "to_hf16", "from_hf16", "add_layers",
          "finetune", "finetune_bf16", "generate")
@@ -165,7 +165,7 @@ def main(argv=None):
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    fileio.print_report(report, args.output)
+    print_report(report, args.output)
     return 0
 
 

@@ -14,15 +14,13 @@ import glob
 import gzip
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import SWEEncoder, read_emoji_file, read_vocabulary_file  # noqa: E402
-from gptsan.tokenization_reference import ReferenceEncoder  # noqa: E402
+from gptsan.errors import GPTSANError, run_cli
+from gptsan.tokenization import SWEEncoder, read_emoji_file, read_vocabulary_file
+from gptsan.tokenization_reference import ReferenceEncoder
 
 REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 SAMPLE_GLOB = os.path.join(ROOT, "data", "sample", "*.txt")

@@ -23,11 +23,11 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan.config import GPTSANConfig  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.fileio import check_output_path, print_report  # noqa: E402
+from gptsan.config import GPTSANConfig
+from gptsan.errors import GPTSANError, run_cli
+from gptsan.bench import print_report
+from gptsan.fileio import check_output_path
 
 TARGET_RATIO = 1.0  # the brief's target: GPTSAN tokens/s >= HF PyTorch tokens/s
 ENGINES = ("gptsan", "hf")

@@ -12,14 +12,12 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan import vocab_builder  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import SWEEncoder  # noqa: E402
+from gptsan import vocab_builder
+from gptsan.errors import GPTSANError, run_cli
+from gptsan.tokenization import SWEEncoder
 
 # (Debian package, file pattern) of the default evaluation text.
 DEFAULT_TEXTS = (

@@ -8,13 +8,11 @@ Data: wordfreq's Japanese word list (pip install -e '.[vocab]') and/or --corpus 
 Format: docs/ARCHITECTURE.md "Vocabulary files".
 """
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptsan import vocab_builder  # noqa: E402
-from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
+from gptsan import vocab_builder
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 
 def parse_args(argv):

@@ -12,16 +12,13 @@ this repository's ja-swe36k.txt. HF weights may be model.safetensors or pytorch_
 (single or sharded; float32, float16 or bfloat16). Tensors are read, converted and written one
 at a time, so memory stays near the largest tensor whatever the model size.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from gptsan.checkpoint import (convert_gptsan_to_hf, convert_hf_to_gptsan,  # noqa: E402
+from gptsan.checkpoint import (convert_gptsan_to_hf, convert_hf_to_gptsan,
                                detect_format)
-from gptsan.tensorio import use_plain_cpu_allocator  # noqa: E402
-from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
-from gptsan.tensorio import FLOAT_DTYPES  # noqa: E402
+from gptsan.tensorio import use_plain_cpu_allocator
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
+from gptsan.tensorio import FLOAT_DTYPES
 
 
 def parse_args(argv):

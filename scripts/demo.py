@@ -16,10 +16,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
-from gptsan.tokenization import PROJECT_EMOJI, PROJECT_VOCABULARY, SWEEncoder  # noqa: E402
+from gptsan.errors import GPTSANError, run_cli
+from gptsan.tokenization import PROJECT_EMOJI, PROJECT_VOCABULARY, SWEEncoder
 
 DEMO_MODEL = os.path.join("models", "demo")  # relative to ROOT: the path a user types
 SAMPLE_TEXTS = (

@@ -25,10 +25,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from gptsan.checkpoint import EMOJI_FILE  # noqa: E402
-from gptsan.errors import GPTSANError, run_cli  # noqa: E402
+from gptsan.checkpoint import EMOJI_FILE
+from gptsan.errors import GPTSANError, run_cli
 
 CONFIG = os.path.join(ROOT, "configs", "demo.json")  # model + train params of the demo model
 SAMPLE_DIR = os.path.join(ROOT, "data", "sample")  # the project's redistributable corpus

@@ -1,4 +1,4 @@
-"""Text files -> GPTSAN TFRecord training shards (published make_tfrecord.py flags).
+"""Text files -> GPTSAN TFRecord training shards (flags of the published make_tfrecord_simple).
 
     python scripts/make_tfrecord.py --input_files 'data/sample/*.txt' --mode hybrid \
         --num_context 1280 --output_prefix out/hybrid --seed 0
@@ -13,12 +13,11 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from gptsan import data, fingerprint, records  # noqa: E402
-from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
+from gptsan import data, fingerprint, records
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 
 

@@ -72,5 +72,4 @@ def flag_table():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     print("\n".join(flag_table()))

@@ -11,11 +11,10 @@ line break; the NOT padding is counted, not printed.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptsan import fingerprint, records  # noqa: E402
-from gptsan.data import NO_TARGET  # noqa: E402
-from gptsan.errors import ArgumentParser, GPTSANError, run_cli  # noqa: E402
+from gptsan import fingerprint, records
+from gptsan.data import NO_TARGET
+from gptsan.errors import ArgumentParser, GPTSANError, run_cli
 
 
 

@@ -70,7 +70,7 @@ def demo():
     from gptsan import generation as gen
 
     encoder, config = gen.open_model_files(MODEL_DIR)
-    predictor = gen.open_predictor(MODEL_DIR, batch_size=1)
+    predictor = gen.open_predictor(MODEL_DIR)
     from gptsan.data import SpecialTokens
 
     return encoder, config, SpecialTokens.from_encoder(encoder), predictor

@@ -309,7 +309,7 @@ def tiny(tiny_dir):
     """(predictor, encoder, special, config); the predictor serves every batch size."""
     encoder, config = gen.open_model_files(tiny_dir)
     special = SpecialTokens.from_encoder(encoder)
-    return gen.open_predictor(tiny_dir, batch_size=1), encoder, special, config
+    return gen.open_predictor(tiny_dir), encoder, special, config
 
 
 def _prompt(tiny, kind, as_training=True):

