@@ -11,7 +11,9 @@ optimizer state and input position). Fine-tuning after scripts/add_layers.py:
 
 The init checkpoint is restored one variable at a time (no second copy of the backbone);
 frozen variables get no gradient and no optimizer slots, and with --frozen_dtype bfloat16 they
-are held (and saved) in half the memory.
+are held (and saved) in half the memory. With --ignore_parameters, TensorFlow's oneDNN CPU
+allocator returns freed memory to the system instead of pooling it
+(TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 unless set; gptsan.memory.use_system_allocator).
 """
 import dataclasses
 import sys
@@ -19,6 +21,7 @@ import sys
 from gptsan import fileio
 from gptsan.config import PUBLISHED_CLIP_NORM
 from gptsan.errors import ArgumentParser, GPTSANError, run_cli
+from gptsan.memory import use_system_allocator
 
 
 def parse_args(argv):
@@ -124,6 +127,8 @@ def frozen_names(args, use_tpu, mesh):
 def main(argv=None):
     args = parse_args(argv)
     config, sets_vocabulary = load_config(args)
+    if args.ignore_parameters:  # fine-tuning on a frozen backbone: memory first
+        use_system_allocator()
     from gptsan import estimator, fingerprint, mesh as mesh_lib, records, spout  # TF loads here
 
     model, train = config.model, config.train

@@ -13,6 +13,21 @@ import time
 import numpy as np
 
 KIB = 1024  # Linux reports ru_maxrss in KiB
+# TensorFlow 2.15's switch (read once, when its CPU allocator is made): oneDNN's CPU allocator
+# then takes every allocation from the system allocator instead of pooling the large ones
+ONEDNN_SYSTEM_ALLOCATOR = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
+
+
+def use_system_allocator():
+    """Makes TensorFlow (imported later) give freed tensor memory back to the system, keeping
+    the oneDNN kernels.
+
+    oneDNN's CPU allocator serves large tensors from a pool (a BFC allocator) that never
+    shrinks: a run's RSS stays at the highest sum of pooled blocks it ever touched, holes
+    included. One-device fine-tuning on a frozen backbone sets this (run_train.py) so its peak
+    is what its tensors need at once; a user's own setting of the variable is kept.
+    """
+    os.environ.setdefault(ONEDNN_SYSTEM_ALLOCATOR, "1")
 
 
 @dataclasses.dataclass

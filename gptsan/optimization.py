@@ -145,7 +145,8 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
         if grad is None:
             return []
         grad = mtf.cast(grad, tf.float32)
-        m, v = self.slots(var)
+        m_var, v_var = self.slots(var)
+        m, v, value = [mtf.depend(x, [grad]) for x in (m_var, v_var, var.value)]
         next_m = m * self.beta1 + grad * (1.0 - self.beta1)
         next_v = v * self.beta2 + mtf.square(grad) * (1.0 - self.beta2)
         m_hat, v_hat = next_m, next_v
@@ -153,14 +154,14 @@ class AdamWeightDecay(mtf.optimize.Optimizer):
             m_hat, v_hat = next_m / self._corrections[0], next_v / self._corrections[1]
         update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
         if self.weight_decay and uses_weight_decay(var.name, self.no_decay_pattern):
-            update += mtf.cast(var.value, tf.float32) * self.weight_decay
+            update += mtf.cast(value, tf.float32) * self.weight_decay
         if self.apply is not None:  # a skipped step keeps everything as it was
             next_m = m + (next_m - m) * self.apply
             next_v = v + (next_v - v) * self.apply
             update *= self.apply
         # assign_sub (not assign) keeps bf16 slices from being re-rounded every step (mtf note).
         return [mtf.assign_sub(var, update * self.learning_rate),
-                mtf.assign(m, next_m), mtf.assign(v, next_v)]
+                mtf.assign(m_var, next_m), mtf.assign(v_var, next_v)]
 
 
 def bias_corrections(global_step, beta1=ADAM_BETA1, beta2=ADAM_BETA2):

@@ -25,6 +25,7 @@ weights. The 2.8B configuration takes about 30 minutes on the 2-core development
 needs about 18 GB of free RAM and 35 GB of disk (README "Memory at full scale").
 """
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -72,12 +73,18 @@ def parse_args(argv):
 
 
 def write_random(config_path, path, seed):
-    """The `random` step's child: a random checkpoint, one tensor in memory at a time."""
+    """The `random` step's child: a random checkpoint, one tensor in memory at a time, with
+    this repository's vocabulary recorded and copied (the later steps check it)."""
     from gptsan.checkpoint import write_tf_checkpoint
+    from gptsan.config import EMOJI_FILE, VOCAB_FILE
+    from gptsan.fingerprint import VocabularyFiles
     from gptsan.variables import random_variables
 
-    config = GPTSANConfig.from_json_file(config_path)
-    write_tf_checkpoint(path, random_variables(config.model, seed), config)
+    vocabulary = VocabularyFiles.of(os.path.join(ROOT, VOCAB_FILE), os.path.join(ROOT, EMOJI_FILE))
+    record = vocabulary.record()
+    config = dataclasses.replace(GPTSANConfig.from_json_file(config_path), vocabulary=record)
+    write_tf_checkpoint(path, random_variables(config.model, seed), config,
+                        files=vocabulary.model_dir_files(record))
 
 
 def baseline():
