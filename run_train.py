@@ -129,7 +129,9 @@ def main(argv=None):
     config, sets_vocabulary = load_config(args)
     if args.ignore_parameters:  # fine-tuning on a frozen backbone: memory first
         use_system_allocator()
-    from gptsan import estimator, fingerprint, mesh as mesh_lib, records, spout  # TF loads here
+    # TensorFlow loads here
+    from gptsan import estimator, fingerprint, mesh as mesh_lib, preflight, records, spout
+    from gptsan.model_fn import TrainSetup
 
     model, train = config.model, config.train
     model_dir = train.output_dir
@@ -141,7 +143,7 @@ def main(argv=None):
     mesh_shape = args.mesh_shape or f"batch:1,model:{model.num_pallarelizm}"
     mesh = mesh_lib.parse_mesh_shape(mesh_shape)
     use_tpu = bool(args.tpu_nodes)
-    devices = None if use_tpu else estimator.select_devices(mesh, train.batch_size, model)
+    devices = None if use_tpu else preflight.select_devices(mesh, train.batch_size, model)
 
     if args.dynamic_loss_scale and not (args.use_mixed_precision and train.optimizer == "adam"):
         raise GPTSANError("--dynamic_loss_scale needs --use_mixed_precision and --optimizer adam")
@@ -154,15 +156,15 @@ def main(argv=None):
     fingerprint.announce(vocab)
     config = dataclasses.replace(config, vocabulary=record)
     if not sets_vocabulary:  # as published: the vocabulary file gives num_vocabulary
-        model = dataclasses.replace(model, num_vocabulary=estimator.vocabulary_size(vocab.vocab))
+        model = dataclasses.replace(model, num_vocabulary=preflight.vocabulary_size(vocab.vocab))
         config = dataclasses.replace(config, model=model)
     ignore = frozen_names(args, use_tpu, mesh)
-    init_checkpoint = estimator.check_training_inputs(
+    init_checkpoint = preflight.check_training_inputs(
         config, record_files, vocab.vocab, ignore, args.init_checkpoint, dtype,
         dynamic_loss_scale=args.dynamic_loss_scale, frozen_dtype=args.frozen_dtype)
 
-    estimator.write_model_dir(config, vocab.vocab, vocab.emoji)
-    setup = estimator.TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,
+    preflight.write_model_dir(config, vocab.vocab, vocab.emoji)
+    setup = TrainSetup(config, mesh, model_dir, spout_vector=args.spout_vector,
                                  dtype=dtype, ignore_names=ignore,
                                  clip_gradients=args.clip_gradients, clip_norm=args.clip_norm,
                                  dynamic_loss_scale=args.dynamic_loss_scale, seed=train.seed,

@@ -43,18 +43,6 @@ HF_SEPARATOR_FROM_END, HF_PAD_FROM_END, HF_EOS_FROM_END = 2, 5, 1
 # TF <-> HF conversion of variable dicts
 
 
-def tf_to_hf_variables(tf_vars, model, include_tied_head=False):
-    """{TF name: array} -> {HF name: float32 array} for GPTSanJapaneseForConditionalGeneration.
-
-    `model` is the ModelConfig. The tied `lm_head.weight` is left out like `save_pretrained`
-    does, unless `include_tied_head`.
-    """
-    hf = {name: ref.load() for name, ref in tf_to_hf_refs(tf_vars, model).items()}
-    if include_tied_head:
-        hf[HF_TIED_HEAD] = hf["model.embed_tokens.weight"]
-    return hf
-
-
 def tf_to_hf_refs(tf_vars, model, dtype=np.float32):
     """{TF name: array or TensorRef} -> {HF name: TensorRef} computed when loaded, as `dtype`.
 

@@ -238,11 +238,10 @@ class DynamicLossScale:
 class TrainOps:
     """What `build_train_ops` returns: the mtf update ops plus scalars worth logging."""
 
-    def __init__(self, update_ops, learning_rate, grad_norm, trainable, frozen, finite=None):
+    def __init__(self, update_ops, learning_rate, grad_norm, frozen, finite=None):
         self.update_ops = update_ops  # list of mtf Operations
         self.learning_rate = learning_rate  # TF float32 scalar
         self.grad_norm = grad_norm  # mtf float32 scalar (before clipping)
-        self.trainable = trainable  # mtf Variables that are updated
         self.frozen = frozen  # mtf Variables that are left alone
         self.finite = finite  # dynamic loss scale: mtf bool scalar, all gradients finite
 
@@ -301,7 +300,7 @@ def build_train_ops(loss, train_config, global_step, ignore_names=(), clip_gradi
     for grad, var in zip(grads, trainable):
         if grad is None:
             create_slots(optimizer, var)
-    return TrainOps(update_ops, learning_rate, norm, trainable, frozen, finite)
+    return TrainOps(update_ops, learning_rate, norm, frozen, finite)
 
 
 def _zero_unless(condition, x):

@@ -284,7 +284,6 @@ def _read_torch_tensor(path, record_offsets, storage, offset, shape, stride):
     if storage.key not in record_offsets:
         raise GPTSANError(f"{path}: storage record data/{storage.key} is missing")
     start, size = record_offsets[storage.key]
-    count = int(np.prod(shape, dtype=np.int64))
     contiguous = all(st == int(np.prod(shape[k + 1:], dtype=np.int64))
                      for k, st in enumerate(stride) if shape[k] > 1)
     if contiguous:

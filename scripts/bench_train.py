@@ -5,7 +5,7 @@
 
 Each engine runs in its own process (no thread-pool sharing between TensorFlow and PyTorch),
 float32, on the same random token batch (batch x num_contexts, every position a target):
-GPTSAN builds the real training graph of `gptsan.estimator.model_fn_builder` (CE + z-loss +
+GPTSAN builds the real training graph of `gptsan.model_fn.model_fn_builder` (CE + z-loss +
 load-balancing loss, AdamW updates, global-step increment) and runs it in a plain session;
 HF runs `GPTSanJapaneseForConditionalGeneration` forward + CE loss + backward + `AdamW.step()`.
 Prints one JSON object with the median step time and tokens/s of each engine and the ratio
@@ -68,23 +68,23 @@ def time_steps(step, warmup, steps):
 
 
 def bench_gptsan(config, args):
-    from gptsan import estimator
+    from gptsan import model_fn, preflight
     from gptsan.compat import session_config, tf
     from gptsan import mesh as mesh_lib
 
     model = config.model
     ids, targets = batch_arrays(model, args.batch_size, args.seed)
     mesh = mesh_lib.parse_mesh_shape(args.mesh_shape)
-    devices = estimator.select_devices(mesh, args.batch_size, model)
+    devices = preflight.select_devices(mesh, args.batch_size, model)
     with tempfile.TemporaryDirectory() as model_dir, tf.Graph().as_default():
         tf.set_random_seed(args.seed)
-        setup = estimator.TrainSetup(config, mesh, model_dir, devices=devices, summaries=False,
-                                     seed=args.seed)
+        setup = model_fn.TrainSetup(config, mesh, model_dir, devices=devices, summaries=False,
+                                    seed=args.seed)
         tf.train.get_or_create_global_step()
         features = {"x": tf.constant(ids), "y": tf.constant(targets),
                     "i": tf.zeros([args.batch_size, 1], tf.int32),
                     "num_input": tf.zeros([args.batch_size, 1], tf.int32)}
-        spec = estimator.model_fn_builder(setup)(features, None, tf.estimator.ModeKeys.TRAIN, {})
+        spec = model_fn.model_fn_builder(setup)(features, None, tf.estimator.ModeKeys.TRAIN, {})
         restore = spec.training_hooks[0]  # MtfRestoreHook: masters -> slices
         restore.begin()
         with tf.Session(config=session_config(mesh.size)) as sess:

@@ -188,7 +188,7 @@ def test_gradients_reach_every_variable_and_the_gather_rows():
 def _training_gradients(config, ids, one_slice, recompute_ext_layers=False):
     """{variable: gradient} of sum(logits * c) + aux loss for one training build on 1x1,
     with every weight set from a fixed RNG by name and step-seeded router jitter."""
-    from gptsan.estimator import StepSeededMeshImpl
+    from gptsan.seeded_mesh import StepSeededMeshImpl
 
     graph = tf.Graph()
     with graph.as_default():
